@@ -1,0 +1,154 @@
+//! A lock-free bitmap with one bit per page.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One bit per page, set and cleared atomically from many threads.
+#[derive(Debug)]
+pub struct PageBitmap {
+    words: Box<[AtomicU64]>,
+    pages: usize,
+}
+
+impl PageBitmap {
+    /// A cleared bitmap for `pages` pages.
+    pub fn new(pages: usize) -> Self {
+        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        PageBitmap { words, pages }
+    }
+
+    /// Number of pages covered.
+    pub fn len(&self) -> usize {
+        self.pages
+    }
+
+    /// Whether the bitmap covers no page.
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// Whether `page` is set (false when out of range).
+    pub fn get(&self, page: usize) -> bool {
+        page < self.pages && self.words[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Sets `page`; returns true if this call changed it (false if it was already
+    /// set or out of range). Exactly one of several racing setters gets true.
+    pub fn set(&self, page: usize) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let bit = 1 << (page % 64);
+        self.words[page / 64].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// Clears `page`; returns true if it was set.
+    pub fn clear(&self, page: usize) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let bit = 1 << (page % 64);
+        self.words[page / 64].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
+    /// Sets every page in `[start, end)` (clamped to the bitmap).
+    pub fn set_range(&self, start: usize, end: usize) {
+        for p in start..end.min(self.pages) {
+            self.set(p);
+        }
+    }
+
+    /// Number of set pages.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.load(Ordering::Acquire).count_ones() as usize).sum()
+    }
+
+    /// The first clear page at or after `from`, if any.
+    pub fn next_clear(&self, from: usize) -> Option<usize> {
+        let mut p = from;
+        while p < self.pages {
+            let w = self.words[p / 64].load(Ordering::Acquire) | ((1u64 << (p % 64)) - 1);
+            if w != u64::MAX {
+                let q = (p / 64) * 64 + (!w).trailing_zeros() as usize;
+                return (q < self.pages).then_some(q);
+            }
+            p = (p / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Set pages as maximal runs `[start, end)`.
+    pub fn runs(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut start = None;
+        for p in 0..self.pages {
+            match (self.get(p), start) {
+                (true, None) => start = Some(p),
+                (false, Some(s)) => {
+                    out.push((s, p));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            out.push((s, self.pages));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn edges() {
+        let b = PageBitmap::new(0);
+        assert!(!b.set(0));
+        assert_eq!(b.next_clear(0), None);
+        let b = PageBitmap::new(65);
+        assert!(b.set(64));
+        assert!(!b.set(64));
+        assert!(!b.set(65));
+        assert_eq!(b.count(), 1);
+        b.set_range(0, 64);
+        assert_eq!(b.next_clear(0), None);
+        assert!(b.clear(3));
+        assert_eq!(b.next_clear(0), Some(3));
+        assert_eq!(b.runs(), vec![(0, 3), (4, 65)]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn matches_vec_bool_oracle(pages in 0usize..300, ops in proptest::collection::vec((any::<bool>(), 0usize..320), 0..200)) {
+            let b = PageBitmap::new(pages);
+            let mut oracle = vec![false; pages];
+            for (set, p) in ops {
+                let changed = if set { b.set(p) } else { b.clear(p) };
+                if p < pages {
+                    prop_assert_eq!(changed, oracle[p] != set);
+                    oracle[p] = set;
+                } else {
+                    prop_assert!(!changed);
+                }
+            }
+            prop_assert_eq!(b.count(), oracle.iter().filter(|x| **x).count());
+            for from in 0..pages + 2 {
+                let want = (from..pages).find(|&p| !oracle[p]);
+                prop_assert_eq!(b.next_clear(from), want);
+            }
+            let mut runs_oracle = Vec::new();
+            let mut p = 0;
+            while p < pages {
+                if oracle[p] {
+                    let s = p;
+                    while p < pages && oracle[p] { p += 1; }
+                    runs_oracle.push((s, p));
+                } else { p += 1; }
+            }
+            prop_assert_eq!(b.runs(), runs_oracle);
+        }
+    }
+}
