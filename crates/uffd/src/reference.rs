@@ -56,3 +56,12 @@ pub fn wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> i32 {
 pub fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
+
+/// `ioctl(fd, UFFDIO_API, {api, features})`; returns (ret, the struct after the call).
+/// Lets tests check the handshake rules (wrong api, a second handshake).
+pub fn api(fd: BorrowedFd<'_>, api: u64, features: u64) -> (i32, sys::uffdio_api) {
+    let mut a = sys::uffdio_api { api, features, ioctls: 0 };
+    // SAFETY: `a` is a valid uffdio_api on our stack.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut a) };
+    (r, a)
+}

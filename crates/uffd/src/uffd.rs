@@ -162,6 +162,12 @@ impl UffdBuilder {
         flags
     }
 
+    /// Opens the fd without the UFFDIO_API handshake (for tests of the
+    /// handshake itself; every other ioctl fails with EINVAL on such an fd).
+    pub fn open_unhandshaken(&self) -> Result<OwnedFd, CreateError> {
+        self.open_raw()
+    }
+
     /// Opens the fd without the handshake.
     pub(crate) fn open_raw(&self) -> Result<OwnedFd, CreateError> {
         let flags = self.flags();
