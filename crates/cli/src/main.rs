@@ -1,1 +1,75 @@
-fn main() {}
+//! The livepage command line.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod demo;
+mod probe;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// livepage: live snapshots, incremental checkpoints and lazy restore of
+/// process and VM memory with Linux userfaultfd.
+#[derive(Debug, Parser)]
+#[command(name = "livepage", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report what this kernel and this process can do (userfaultfd features,
+    /// PAGEMAP_SCAN, huge pages, THP, /dev/kvm, permissions).
+    Probe {
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks, each beside a peer measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// The main scenario on embedded defaults: probe, then a short fault benchmark.
+    Demo {
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Demand-paging rate of the kernel layer against a raw-libc handler loop.
+    Faults(bench::faults::FaultsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe { json } => probe::run(json),
+        Command::Bench(BenchCommand::Faults(args)) => bench::faults::run(&args).map(|rows| {
+            if args.json {
+                match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            } else {
+                print!("{}", bench::faults::render(&rows));
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Demo { json } => demo::run(json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
