@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use livepage_uffd::probe::capabilities;
 use livepage_uffd::Features;
+use livepage_uffd::probe::capabilities;
 use serde::Serialize;
 
 use crate::table::Table;
@@ -18,14 +18,24 @@ struct SystemFacts {
 }
 
 fn read_setting(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_else(|e| format!("unreadable: {e}"))
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
 fn kvm_access() -> Result<(), String> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("/dev/kvm does not exist (no KVM on this host)".into()),
-        Err(e) => Err(format!("cannot open /dev/kvm: {e} (add the user to the `kvm` group)")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("/dev/kvm does not exist (no KVM on this host)".into())
+        }
+        Err(e) => Err(format!(
+            "cannot open /dev/kvm: {e} (add the user to the `kvm` group)"
+        )),
     }
 }
 
@@ -41,15 +51,47 @@ fn facts() -> SystemFacts {
 
 /// The features the engines rely on, with what each is for.
 const KEY_FEATURES: [(Features, &str, &str); 9] = [
-    (Features::PAGEFAULT_FLAG_WP, "5.7", "live snapshots (sync write-protect)"),
-    (Features::WP_UNPOPULATED, "6.4", "catch first writes to never-touched anon pages"),
-    (Features::WP_ASYNC, "6.7", "incremental dirty tracking without fault round trips"),
-    (Features::MINOR_SHMEM, "5.13", "lazy restore into shmem with CONTINUE"),
-    (Features::MINOR_HUGETLBFS, "5.13", "lazy restore into hugetlbfs with CONTINUE"),
+    (
+        Features::PAGEFAULT_FLAG_WP,
+        "5.7",
+        "live snapshots (sync write-protect)",
+    ),
+    (
+        Features::WP_UNPOPULATED,
+        "6.4",
+        "catch first writes to never-touched anon pages",
+    ),
+    (
+        Features::WP_ASYNC,
+        "6.7",
+        "incremental dirty tracking without fault round trips",
+    ),
+    (
+        Features::MINOR_SHMEM,
+        "5.13",
+        "lazy restore into shmem with CONTINUE",
+    ),
+    (
+        Features::MINOR_HUGETLBFS,
+        "5.13",
+        "lazy restore into hugetlbfs with CONTINUE",
+    ),
     (Features::MOVE, "6.8", "zero-copy page placement"),
-    (Features::POISON, "6.6", "mark unrecoverable pages during post-copy"),
-    (Features::EVENT_REMOVE, "4.11", "honour balloon/MADV_DONTNEED during restore"),
-    (Features::EVENT_FORK, "4.11", "follow forked children (needs CAP_SYS_PTRACE)"),
+    (
+        Features::POISON,
+        "6.6",
+        "mark unrecoverable pages during post-copy",
+    ),
+    (
+        Features::EVENT_REMOVE,
+        "4.11",
+        "honour balloon/MADV_DONTNEED during restore",
+    ),
+    (
+        Features::EVENT_FORK,
+        "4.11",
+        "follow forked children (needs CAP_SYS_PTRACE)",
+    ),
 ];
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
@@ -64,7 +106,11 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             "ok": ok,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) });
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        });
     }
     println!("kernel {}", caps.kernel_release);
     let a = &caps.access;
@@ -78,26 +124,56 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             (true, Some(e)) => format!("denied: {e}"),
         },
     ]);
-    t.row(["userfaultfd(2)".to_string(), a.syscall_error.clone().map_or("usable".into(), |e| format!("denied: {e}"))]);
-    t.row(["user-mode-only".to_string(), if a.user_mode_only_works { "usable" } else { "no" }.to_string()]);
+    t.row([
+        "userfaultfd(2)".to_string(),
+        a.syscall_error
+            .clone()
+            .map_or("usable".into(), |e| format!("denied: {e}")),
+    ]);
+    t.row([
+        "user-mode-only".to_string(),
+        if a.user_mode_only_works {
+            "usable"
+        } else {
+            "no"
+        }
+        .to_string(),
+    ]);
     t.row([
         "vm.unprivileged_userfaultfd".to_string(),
-        a.unprivileged_sysctl.map_or("unreadable".into(), |v| v.to_string()),
+        a.unprivileged_sysctl
+            .map_or("unreadable".into(), |v| v.to_string()),
     ]);
     t.row(["CAP_SYS_PTRACE".to_string(), a.cap_sys_ptrace.to_string()]);
     t.row([
         "full userfaultfd (kernel faults, KVM)".to_string(),
-        a.full_source.map_or("NO".into(), |s| format!("yes, via {s:?}").to_lowercase()),
+        a.full_source
+            .map_or("NO".into(), |s| format!("yes, via {s:?}").to_lowercase()),
     ]);
     print!("\n{}", t.render());
 
     let mut t = Table::new(["feature", "since", "available", "used for"]);
     for (f, since, what) in KEY_FEATURES {
-        t.row([f.names().join(""), since.to_string(), yes(caps.has(f)).to_string(), what.to_string()]);
+        t.row([
+            f.names().join(""),
+            since.to_string(),
+            yes(caps.has(f)).to_string(),
+            what.to_string(),
+        ]);
     }
-    t.row(["PAGEMAP_SCAN", "6.7", yes(caps.pagemap_scan), "harvest written pages and re-protect in one call"]);
+    t.row([
+        "PAGEMAP_SCAN",
+        "6.7",
+        yes(caps.pagemap_scan),
+        "harvest written pages and re-protect in one call",
+    ]);
     print!("\n{}", t.render());
-    let others: Vec<&str> = caps.features.names().into_iter().filter(|n| !KEY_FEATURES.iter().any(|(f, _, _)| f.names() == [*n])).collect();
+    let others: Vec<&str> = caps
+        .features
+        .names()
+        .into_iter()
+        .filter(|n| !KEY_FEATURES.iter().any(|(f, _, _)| f.names() == [*n]))
+        .collect();
     println!("other features: {}", others.join(" "));
     println!("fd ioctls: {}", caps.api_ioctls.names().join(" "));
 
@@ -115,10 +191,19 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     print!("\n{}", t.render());
 
     let mut t = Table::new(["system", "state"]);
-    t.row(["hugetlb 2 MiB pages".to_string(), format!("{} total, {} free", sys.hugetlb_2m_total, sys.hugetlb_2m_free)]);
+    t.row([
+        "hugetlb 2 MiB pages".to_string(),
+        format!(
+            "{} total, {} free",
+            sys.hugetlb_2m_total, sys.hugetlb_2m_free
+        ),
+    ]);
     t.row(["THP enabled".to_string(), sys.thp_enabled.clone()]);
     t.row(["THP defrag".to_string(), sys.thp_defrag.clone()]);
-    t.row(["/dev/kvm".to_string(), sys.kvm.clone().err().unwrap_or_else(|| "usable".into())]);
+    t.row([
+        "/dev/kvm".to_string(),
+        sys.kvm.clone().err().unwrap_or_else(|| "usable".into()),
+    ]);
     print!("\n{}", t.render());
 
     let advice = a.advice();

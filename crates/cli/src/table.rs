@@ -9,7 +9,10 @@ pub struct Table {
 
 impl Table {
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(header: I) -> Table {
-        Table { header: header.into_iter().map(Into::into).collect(), rows: Vec::new() }
+        Table {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
     }
 
     pub fn row<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, cells: I) {
@@ -32,7 +35,13 @@ impl Table {
         };
         let mut out = line(&self.header);
         out.push('\n');
-        out.push_str(&width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        out.push_str(
+            &width
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("  "),
+        );
         out.push('\n');
         for r in &self.rows {
             out.push_str(&line(r));

@@ -59,7 +59,10 @@ impl PageBitmap {
 
     /// Number of set pages.
     pub fn count(&self) -> usize {
-        self.words.iter().map(|w| w.load(Ordering::Acquire).count_ones() as usize).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones() as usize)
+            .sum()
     }
 
     /// The first clear page at or after `from`, if any.

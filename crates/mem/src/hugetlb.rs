@@ -8,7 +8,11 @@ const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 pub const HUGE_PAGE: usize = 2 << 20;
 
 fn read_u64(name: &str) -> Option<u64> {
-    fs::read_to_string(format!("{POOL}/{name}")).ok()?.trim().parse().ok()
+    fs::read_to_string(format!("{POOL}/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Total 2 MiB pages in the pool.
@@ -43,4 +47,13 @@ pub fn ensure_free(pages: u64) -> std::io::Result<u64> {
         ));
     }
     Ok(now)
+}
+
+/// Grows the pool by `pages` unconditionally (used to retry when a racing
+/// mapping took the pages [`ensure_free`] found free).
+pub fn grow(pages: u64) -> std::io::Result<()> {
+    fs::write(
+        format!("{POOL}/nr_hugepages"),
+        (total_pages() + pages).to_string(),
+    )
 }

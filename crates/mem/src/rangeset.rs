@@ -61,12 +61,20 @@ impl RangeSet {
 
     /// Whether `x` lies in a range.
     pub fn contains(&self, x: u64) -> bool {
-        self.map.range(..=x).next_back().is_some_and(|(_, &e)| x < e)
+        self.map
+            .range(..=x)
+            .next_back()
+            .is_some_and(|(_, &e)| x < e)
     }
 
     /// Whether `[start, end)` is wholly covered.
     pub fn covers(&self, start: u64, end: u64) -> bool {
-        start >= end || self.map.range(..=start).next_back().is_some_and(|(_, &e)| end <= e)
+        start >= end
+            || self
+                .map
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &e)| end <= e)
     }
 
     /// The ranges in order.

@@ -33,7 +33,12 @@ pub enum MemoryKind {
 
 impl MemoryKind {
     /// Every kind.
-    pub const ALL: [MemoryKind; 4] = [MemoryKind::Anon, MemoryKind::Thp, MemoryKind::Shmem, MemoryKind::Hugetlb];
+    pub const ALL: [MemoryKind; 4] = [
+        MemoryKind::Anon,
+        MemoryKind::Thp,
+        MemoryKind::Shmem,
+        MemoryKind::Hugetlb,
+    ];
 
     /// The page size faults and resolutions work in.
     pub fn page_size(self) -> usize {
@@ -73,7 +78,9 @@ impl std::str::FromStr for MemoryKind {
             "thp" => Ok(MemoryKind::Thp),
             "shmem" | "memfd" => Ok(MemoryKind::Shmem),
             "hugetlb" | "hugetlbfs" => Ok(MemoryKind::Hugetlb),
-            other => Err(format!("unknown memory type `{other}` (expected anon, thp, shmem or hugetlb)")),
+            other => Err(format!(
+                "unknown memory type `{other}` (expected anon, thp, shmem or hugetlb)"
+            )),
         }
     }
 }
@@ -164,35 +171,84 @@ impl Region {
         if len == 0 || len % page != 0 {
             return Err(RegionError::BadLength { kind, len, page });
         }
-        let err = |what, errno| RegionError::Create { kind, len, what, errno };
+        let err = |what, errno| RegionError::Create {
+            kind,
+            len,
+            what,
+            errno,
+        };
         match kind {
             MemoryKind::Anon => {
-                let map = Mapping::anonymous(len, AnonOptions { no_reserve: true, ..Default::default() })
-                    .map_err(|e| err("mmap", e))?;
+                let map = Mapping::anonymous(
+                    len,
+                    AnonOptions {
+                        no_reserve: true,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| err("mmap", e))?;
                 // Keep 4 KiB pages even where THP is "always".
-                map.advise(0, len, Advice::NoHugePage).map_err(|e| err("madvise(NOHUGEPAGE)", e))?;
-                Ok(Region { kind, map, alias: None, file: None })
+                map.advise(0, len, Advice::NoHugePage)
+                    .map_err(|e| err("madvise(NOHUGEPAGE)", e))?;
+                Ok(Region {
+                    kind,
+                    map,
+                    alias: None,
+                    file: None,
+                })
             }
             MemoryKind::Thp => {
                 let map = Mapping::anonymous(
                     len,
-                    AnonOptions { no_reserve: true, align: Some(hugetlb::HUGE_PAGE), ..Default::default() },
+                    AnonOptions {
+                        no_reserve: true,
+                        align: Some(hugetlb::HUGE_PAGE),
+                        ..Default::default()
+                    },
                 )
                 .map_err(|e| err("mmap", e))?;
-                map.advise(0, len, Advice::HugePage).map_err(|e| err("madvise(HUGEPAGE)", e))?;
-                Ok(Region { kind, map, alias: None, file: None })
+                map.advise(0, len, Advice::HugePage)
+                    .map_err(|e| err("madvise(HUGEPAGE)", e))?;
+                Ok(Region {
+                    kind,
+                    map,
+                    alias: None,
+                    file: None,
+                })
             }
             MemoryKind::Shmem | MemoryKind::Hugetlb => {
                 let huge = (kind == MemoryKind::Hugetlb).then_some(HugePageSize::Size2M);
                 if huge.is_some() {
                     let pages = (len / page) as u64;
-                    hugetlb::ensure_free(pages).map_err(|source| RegionError::HugePages { pages, source })?;
+                    hugetlb::ensure_free(pages)
+                        .map_err(|source| RegionError::HugePages { pages, source })?;
                 }
-                let file = mm::memfd_create(&format!("livepage-{kind}"), huge).map_err(|e| err("memfd_create", e))?;
-                file.set_len(len as u64).map_err(|e| err("ftruncate", e.into()))?;
-                let map = Mapping::file(file.as_fd(), 0, len, true).map_err(|e| err("mmap", e))?;
-                let alias = Mapping::file(file.as_fd(), 0, len, true).map_err(|e| err("mmap (alias)", e))?;
-                Ok(Region { kind, map, alias: Some(alias), file: Some(file) })
+                let file = mm::memfd_create(&format!("livepage-{kind}"), huge)
+                    .map_err(|e| err("memfd_create", e))?;
+                file.set_len(len as u64)
+                    .map_err(|e| err("ftruncate", e.into()))?;
+                // Hugetlb pages are reserved at mmap time; another process (or test)
+                // may take the free pages between the check above and here.
+                let mut tries = 0;
+                let map = loop {
+                    match Mapping::file(file.as_fd(), 0, len, true) {
+                        Err(Errno::NOMEM) if huge.is_some() && tries < 3 => {
+                            tries += 1;
+                            let pages = (len / page) as u64;
+                            hugetlb::grow(pages)
+                                .map_err(|source| RegionError::HugePages { pages, source })?;
+                        }
+                        other => break other.map_err(|e| err("mmap", e))?,
+                    }
+                };
+                let alias = Mapping::file(file.as_fd(), 0, len, true)
+                    .map_err(|e| err("mmap (alias)", e))?;
+                Ok(Region {
+                    kind,
+                    map,
+                    alias: Some(alias),
+                    file: Some(file),
+                })
             }
         }
     }
@@ -241,13 +297,20 @@ impl Region {
     fn check(&self, offset: usize, len: usize) -> Result<(), RegionError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => Ok(()),
-            _ => Err(RegionError::OutOfBounds { offset, len, size: self.len() }),
+            _ => Err(RegionError::OutOfBounds {
+                offset,
+                len,
+                size: self.len(),
+            }),
         }
     }
 
     fn base(&self, via_alias: bool) -> Result<*mut u8, RegionError> {
         if via_alias {
-            self.alias.as_ref().map(Mapping::as_ptr).ok_or(RegionError::NoAlias(self.kind))
+            self.alias
+                .as_ref()
+                .map(Mapping::as_ptr)
+                .ok_or(RegionError::NoAlias(self.kind))
         } else {
             Ok(self.map.as_ptr())
         }
@@ -293,7 +356,11 @@ impl Region {
     pub fn read_u64(&self, offset: usize) -> Result<u64, RegionError> {
         self.check(offset, 8)?;
         if offset % 8 != 0 {
-            return Err(RegionError::OutOfBounds { offset, len: 8, size: self.len() });
+            return Err(RegionError::OutOfBounds {
+                offset,
+                len: 8,
+                size: self.len(),
+            });
         }
         // SAFETY: in bounds and 8-byte aligned (checked; the mapping is page aligned).
         Ok(unsafe { self.map.as_ptr().add(offset).cast::<u64>().read_volatile() })
@@ -303,10 +370,20 @@ impl Region {
     pub fn write_u64(&self, offset: usize, value: u64) -> Result<(), RegionError> {
         self.check(offset, 8)?;
         if offset % 8 != 0 {
-            return Err(RegionError::OutOfBounds { offset, len: 8, size: self.len() });
+            return Err(RegionError::OutOfBounds {
+                offset,
+                len: 8,
+                size: self.len(),
+            });
         }
         // SAFETY: in bounds and 8-byte aligned (checked); the mapping is writable.
-        unsafe { self.map.as_ptr().add(offset).cast::<u64>().write_volatile(value) };
+        unsafe {
+            self.map
+                .as_ptr()
+                .add(offset)
+                .cast::<u64>()
+                .write_volatile(value)
+        };
         Ok(())
     }
 
@@ -320,13 +397,24 @@ impl Region {
 
     /// madvise on part of the main mapping.
     pub fn advise(&self, offset: usize, len: usize, advice: Advice) -> Result<(), RegionError> {
-        self.map.advise(offset, len, advice).map_err(|errno| RegionError::Advise { advice, offset, len, errno })
+        self.map
+            .advise(offset, len, advice)
+            .map_err(|errno| RegionError::Advise {
+                advice,
+                offset,
+                len,
+                errno,
+            })
     }
 
     /// Discards `[offset, offset+len)`: the next read returns zeros. For
     /// shmem/hugetlb the page cache is freed too (MADV_REMOVE).
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), RegionError> {
-        let advice = if self.kind.has_page_cache() { Advice::Remove } else { Advice::DontNeed };
+        let advice = if self.kind.has_page_cache() {
+            Advice::Remove
+        } else {
+            Advice::DontNeed
+        };
         self.advise(offset, len, advice)
     }
 
@@ -336,12 +424,20 @@ impl Region {
         // SAFETY: a Region never hands out references into its memory; every access
         // goes through the raw copies above, so the kernel changing it under us
         // breaks no aliasing rule. The region is not the handler's stack or heap.
-        unsafe { uffd.register(self.addr(), self.len(), mode) }
-            .map_err(|source| RegionError::Register { kind: self.kind, source })
+        unsafe { uffd.register(self.addr(), self.len(), mode) }.map_err(|source| {
+            RegionError::Register {
+                kind: self.kind,
+                source,
+            }
+        })
     }
 
     /// Unregisters the whole region from `uffd`.
     pub fn unregister(&self, uffd: &Uffd) -> Result<(), RegionError> {
-        uffd.unregister(self.addr(), self.len()).map_err(|source| RegionError::Register { kind: self.kind, source })
+        uffd.unregister(self.addr(), self.len())
+            .map_err(|source| RegionError::Register {
+                kind: self.kind,
+                source,
+            })
     }
 }

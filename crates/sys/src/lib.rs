@@ -29,7 +29,12 @@ const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
 /// `_IO(0xAA, 0x00)`: ioctl on `/dev/userfaultfd` that returns a new userfaultfd.
 pub const USERFAULTFD_IOC_NEW: u32 = ioc(0, UFFDIO, 0x00, 0);
 /// `UFFDIO_REGISTER`.
-pub const UFFDIO_REGISTER: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x00, size_of::<uffdio_register>());
+pub const UFFDIO_REGISTER: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x00,
+    size_of::<uffdio_register>(),
+);
 /// `UFFDIO_UNREGISTER`.
 pub const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<uffdio_range>());
 /// `UFFDIO_WAKE`.
@@ -37,20 +42,44 @@ pub const UFFDIO_WAKE: u32 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<uffdio_range>
 /// `UFFDIO_COPY`.
 pub const UFFDIO_COPY: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<uffdio_copy>());
 /// `UFFDIO_ZEROPAGE`.
-pub const UFFDIO_ZEROPAGE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, size_of::<uffdio_zeropage>());
+pub const UFFDIO_ZEROPAGE: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x04,
+    size_of::<uffdio_zeropage>(),
+);
 /// `UFFDIO_MOVE` (6.8+).
 pub const UFFDIO_MOVE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x05, size_of::<uffdio_move>());
 /// `UFFDIO_WRITEPROTECT` (5.7+).
-pub const UFFDIO_WRITEPROTECT: u32 =
-    ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, size_of::<uffdio_writeprotect>());
+pub const UFFDIO_WRITEPROTECT: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x06,
+    size_of::<uffdio_writeprotect>(),
+);
 /// `UFFDIO_CONTINUE` (5.13+).
-pub const UFFDIO_CONTINUE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x07, size_of::<uffdio_continue>());
+pub const UFFDIO_CONTINUE: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x07,
+    size_of::<uffdio_continue>(),
+);
 /// `UFFDIO_POISON` (6.6+).
-pub const UFFDIO_POISON: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x08, size_of::<uffdio_poison>());
+pub const UFFDIO_POISON: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x08,
+    size_of::<uffdio_poison>(),
+);
 /// `UFFDIO_API`.
 pub const UFFDIO_API: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<uffdio_api>());
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` on `/proc/PID/pagemap` (6.7+).
-pub const PAGEMAP_SCAN: u32 = ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, size_of::<pm_scan_arg>());
+pub const PAGEMAP_SCAN: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f' as u32,
+    16,
+    size_of::<pm_scan_arg>(),
+);
 
 /// ioctl numbers (bit positions in the `ioctls` masks the kernel returns).
 pub mod ioctl_nr {
@@ -331,7 +360,7 @@ pub struct uffdio_move {
 /// `struct uffd_msg`: 32 bytes, packed. The union is kept as raw bytes; see
 /// `livepage-uffd` for the decoder.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct uffd_msg {
     /// One of [`event`].
     pub event: u8,
@@ -343,12 +372,6 @@ pub struct uffd_msg {
     pub reserved3: u32,
     /// The union `arg`, little-endian u64 words.
     pub arg: [u64; 3],
-}
-
-impl Default for uffd_msg {
-    fn default() -> Self {
-        Self { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] }
-    }
 }
 
 /// `struct pm_scan_arg`.

@@ -43,7 +43,11 @@ impl Errno {
 
     /// The calling thread's `errno` after a failed call.
     pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 
     /// The symbolic name (`EAGAIN`), or `E?` for a value this crate does not name.

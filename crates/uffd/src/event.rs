@@ -3,8 +3,8 @@
 //! [`decode`] is pure (no fds are touched), so it can be fuzzed and property
 //! tested; [`crate::Uffd::read_events`] turns a decoded fork into an owned fd.
 
-use crate::flags::FaultFlags;
 use crate::Uffd;
+use crate::flags::FaultFlags;
 use livepage_sys as sys;
 
 /// Size of one `uffd_msg` on the wire.
@@ -137,7 +137,11 @@ pub fn decode(msg: &sys::uffd_msg, thread_ids: bool) -> Result<RawEvent, DecodeE
             thread_id: thread_ids.then_some(a2 as u32),
         })),
         sys::event::FORK => Ok(RawEvent::Fork { ufd: a0 as u32 }),
-        sys::event::REMAP => Ok(RawEvent::Remap { from: a0, to: a1, len: a2 }),
+        sys::event::REMAP => Ok(RawEvent::Remap {
+            from: a0,
+            to: a1,
+            len: a2,
+        }),
         sys::event::REMOVE | sys::event::UNMAP => {
             if a0 > a1 {
                 return Err(DecodeError::InvertedRange { start: a0, end: a1 });
@@ -154,8 +158,10 @@ pub fn decode(msg: &sys::uffd_msg, thread_ids: bool) -> Result<RawEvent, DecodeE
 
 /// Parses the native-endian wire form of a message (what `read(2)` returns).
 pub fn msg_from_bytes(bytes: &[u8]) -> Result<sys::uffd_msg, DecodeError> {
-    let b: &[u8; MSG_SIZE] =
-        bytes.get(..MSG_SIZE).and_then(|b| b.try_into().ok()).ok_or(DecodeError::Truncated(bytes.len()))?;
+    let b: &[u8; MSG_SIZE] = bytes
+        .get(..MSG_SIZE)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(DecodeError::Truncated(bytes.len()))?;
     let word = |i: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&b[8 + 8 * i..16 + 8 * i]);
@@ -196,7 +202,11 @@ impl EventBuffer {
     /// A buffer for up to `capacity` messages per read (at least one).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        EventBuffer { raw: vec![sys::uffd_msg::default(); capacity], events: Vec::with_capacity(capacity), undecodable: None }
+        EventBuffer {
+            raw: vec![sys::uffd_msg::default(); capacity],
+            events: Vec::with_capacity(capacity),
+            undecodable: None,
+        }
     }
 
     /// The first message of the last read that could not be decoded, if any.
@@ -222,7 +232,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn msg(event: u8, arg: [u64; 3]) -> sys::uffd_msg {
-        sys::uffd_msg { event, arg, ..Default::default() }
+        sys::uffd_msg {
+            event,
+            arg,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -238,16 +252,36 @@ mod tests {
         );
         assert_eq!(
             decode(&msg(0x12, [4, 0x1000, 42]), false).unwrap(),
-            RawEvent::PageFault(PageFault { address: 0x1000, flags: FaultFlags::MINOR, thread_id: None })
+            RawEvent::PageFault(PageFault {
+                address: 0x1000,
+                flags: FaultFlags::MINOR,
+                thread_id: None
+            })
         );
-        assert_eq!(decode(&msg(0x13, [9, 0, 0]), false).unwrap(), RawEvent::Fork { ufd: 9 });
+        assert_eq!(
+            decode(&msg(0x13, [9, 0, 0]), false).unwrap(),
+            RawEvent::Fork { ufd: 9 }
+        );
         assert_eq!(
             decode(&msg(0x14, [1, 2, 3]), false).unwrap(),
-            RawEvent::Remap { from: 1, to: 2, len: 3 }
+            RawEvent::Remap {
+                from: 1,
+                to: 2,
+                len: 3
+            }
         );
-        assert_eq!(decode(&msg(0x15, [1, 2, 0]), false).unwrap(), RawEvent::Remove { start: 1, end: 2 });
-        assert_eq!(decode(&msg(0x16, [1, 2, 0]), false).unwrap(), RawEvent::Unmap { start: 1, end: 2 });
-        assert_eq!(decode(&msg(0x17, [0; 3]), false), Err(DecodeError::UnknownEvent(0x17)));
+        assert_eq!(
+            decode(&msg(0x15, [1, 2, 0]), false).unwrap(),
+            RawEvent::Remove { start: 1, end: 2 }
+        );
+        assert_eq!(
+            decode(&msg(0x16, [1, 2, 0]), false).unwrap(),
+            RawEvent::Unmap { start: 1, end: 2 }
+        );
+        assert_eq!(
+            decode(&msg(0x17, [0; 3]), false),
+            Err(DecodeError::UnknownEvent(0x17))
+        );
         assert_eq!(
             decode(&msg(0x15, [5, 2, 0]), false),
             Err(DecodeError::InvertedRange { start: 5, end: 2 })
@@ -262,12 +296,10 @@ mod tests {
             match msg_from_bytes(&bytes) {
                 Ok(m) => {
                     prop_assert_eq!(&msg_to_bytes(&m)[..], &bytes[..MSG_SIZE]);
-                    if let Ok(ev) = decode(&m, tid) {
-                        // A decoded pagefault keeps its address and flags bit for bit.
-                        if let RawEvent::PageFault(pf) = ev {
-                            prop_assert_eq!(pf.address, m.arg[1]);
-                            prop_assert_eq!(pf.flags.bits(), m.arg[0]);
-                        }
+                    // A decoded pagefault keeps its address and flags bit for bit.
+                    if let Ok(RawEvent::PageFault(pf)) = decode(&m, tid) {
+                        prop_assert_eq!(pf.address, m.arg[1]);
+                        prop_assert_eq!(pf.flags.bits(), m.arg[0]);
                     }
                 }
                 Err(e) => prop_assert_eq!(e, DecodeError::Truncated(bytes.len())),

@@ -52,6 +52,9 @@ mod uffd;
 pub use errno::Errno;
 pub use event::{Event, EventBuffer, PageFault};
 pub use flags::{Categories, FaultFlags, Features, Ioctls, RegisterMode, ScanFlags};
-pub use pagemap::{PageRegion, Pagemap, Scan, ScanError, ScanRequest};
-pub use uffd::{CopyMode, CreateError, Op, RangeError, ReadError, Resolved, Source, Uffd, UffdBuilder, BASE_PAGE};
 pub use livepage_sys as sys;
+pub use pagemap::{PageRegion, Pagemap, Scan, ScanError, ScanRequest};
+pub use uffd::{
+    BASE_PAGE, CopyMode, CreateError, Op, RangeError, ReadError, Resolved, Source, Uffd,
+    UffdBuilder,
+};

@@ -66,7 +66,14 @@ unsafe impl Send for Mapping {}
 // that the kernel serialises.
 unsafe impl Sync for Mapping {}
 
-fn mmap_raw(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> Result<NonNull<u8>, Errno> {
+fn mmap_raw(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> Result<NonNull<u8>, Errno> {
     // SAFETY: without MAP_FIXED (callers only pass MAP_FIXED over a range they
     // reserved and own) mmap picks fresh address space and cannot clobber
     // existing mappings.
@@ -89,7 +96,12 @@ impl Mapping {
         if len == 0 {
             return Err(Errno::INVAL);
         }
-        let mut flags = libc::MAP_ANONYMOUS | if opts.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let mut flags = libc::MAP_ANONYMOUS
+            | if opts.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
         if let Some(h) = opts.hugetlb {
             flags |= libc::MAP_HUGETLB | h.shift_flag();
         }
@@ -98,14 +110,24 @@ impl Mapping {
         }
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         match opts.align {
-            None => Ok(Mapping { ptr: mmap_raw(std::ptr::null_mut(), len, prot, flags, -1, 0)?, len }),
+            None => Ok(Mapping {
+                ptr: mmap_raw(std::ptr::null_mut(), len, prot, flags, -1, 0)?,
+                len,
+            }),
             Some(align) => {
                 if !align.is_power_of_two() {
                     return Err(Errno::INVAL);
                 }
                 // Over-map, then trim both ends to the aligned window.
                 let total = len.checked_add(align).ok_or(Errno::NOMEM)?;
-                let base = mmap_raw(std::ptr::null_mut(), total, prot, flags | libc::MAP_NORESERVE, -1, 0)?;
+                let base = mmap_raw(
+                    std::ptr::null_mut(),
+                    total,
+                    prot,
+                    flags | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )?;
                 let start = (base.as_ptr() as usize).next_multiple_of(align);
                 let head = start - base.as_ptr() as usize;
                 if head > 0 {
@@ -122,13 +144,29 @@ impl Mapping {
     }
 
     /// Maps `len` bytes of `fd` at `offset`, shared or private (read/write).
-    pub fn file(fd: BorrowedFd<'_>, offset: u64, len: usize, shared: bool) -> Result<Mapping, Errno> {
+    pub fn file(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        shared: bool,
+    ) -> Result<Mapping, Errno> {
         if len == 0 {
             return Err(Errno::INVAL);
         }
-        let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
         let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
-        let ptr = mmap_raw(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd.as_raw_fd(), off)?;
+        let ptr = mmap_raw(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd.as_raw_fd(),
+            off,
+        )?;
         Ok(Mapping { ptr, len })
     }
 
@@ -138,7 +176,14 @@ impl Mapping {
             return Err(Errno::INVAL);
         }
         let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
-        let ptr = mmap_raw(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, fd.as_raw_fd(), off)?;
+        let ptr = mmap_raw(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            fd.as_raw_fd(),
+            off,
+        )?;
         Ok(Mapping { ptr, len })
     }
 
@@ -177,7 +222,13 @@ impl Mapping {
     }
 
     /// mprotect(2) on `[offset, offset+len)`: `writable` false makes it read-only.
-    pub fn protect(&self, offset: usize, len: usize, readable: bool, writable: bool) -> Result<(), Errno> {
+    pub fn protect(
+        &self,
+        offset: usize,
+        len: usize,
+        readable: bool,
+        writable: bool,
+    ) -> Result<(), Errno> {
         self.check(offset, len)?;
         let mut prot = libc::PROT_NONE;
         if readable {
@@ -275,7 +326,14 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> Result<(), Errno> {
     let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
     let l = i64::try_from(len).map_err(|_| Errno::INVAL)?;
     // SAFETY: fallocate takes plain integers and an fd we borrow for the call.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l) };
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
 }
 
@@ -314,7 +372,9 @@ pub fn gettid() -> u32 {
 
 /// The number of online CPUs.
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// The system's base page size.
@@ -328,7 +388,11 @@ pub fn page_size() -> usize {
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * page_size() as u64)
 }
 
@@ -337,6 +401,7 @@ pub fn pagemap_entry(addr: usize) -> Result<u64, Errno> {
     use std::os::unix::fs::FileExt;
     let f = File::open("/proc/self/pagemap").map_err(Errno::from)?;
     let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (addr / page_size()) as u64 * 8).map_err(Errno::from)?;
+    f.read_exact_at(&mut b, (addr / page_size()) as u64 * 8)
+        .map_err(Errno::from)?;
     Ok(u64::from_ne_bytes(b))
 }

@@ -81,7 +81,10 @@ impl ScanRequest {
 
     /// Pages written since they were last protected, without re-protecting.
     pub fn written(start: u64, end: u64) -> Self {
-        ScanRequest { flags: ScanFlags::CHECK_WPASYNC, ..Self::harvest_written(start, end) }
+        ScanRequest {
+            flags: ScanFlags::CHECK_WPASYNC,
+            ..Self::harvest_written(start, end)
+        }
     }
 
     /// Every page matching any of `anyof`, reporting `report`.
@@ -107,7 +110,9 @@ pub enum ScanError {
     #[error("PAGEMAP_SCAN is not available on this kernel (ENOTTY; needs Linux 6.7+)")]
     NotSupported,
     /// CHECK_WPASYNC found a VMA that is not registered WP with a WP_ASYNC context.
-    #[error("PAGEMAP_SCAN: {start:#x}..{end:#x} touches memory not registered for async write-protect (EPERM from PM_SCAN_CHECK_WPASYNC)")]
+    #[error(
+        "PAGEMAP_SCAN: {start:#x}..{end:#x} touches memory not registered for async write-protect (EPERM from PM_SCAN_CHECK_WPASYNC)"
+    )]
     NotWpAsync {
         /// Start of the request.
         start: u64,
@@ -167,8 +172,14 @@ impl Pagemap {
     }
 
     fn open_path(path: String) -> Result<Pagemap, ScanError> {
-        let file = File::open(&path).map_err(|e| ScanError::Open { path, errno: e.into() })?;
-        Ok(Pagemap { file, buf: vec![sys::page_region::default(); DEFAULT_VEC_LEN] })
+        let file = File::open(&path).map_err(|e| ScanError::Open {
+            path,
+            errno: e.into(),
+        })?;
+        Ok(Pagemap {
+            file,
+            buf: vec![sys::page_region::default(); DEFAULT_VEC_LEN],
+        })
     }
 
     /// Sets how many regions one ioctl may return (at least 1).
@@ -203,7 +214,12 @@ impl Pagemap {
     }
 
     /// One raw PAGEMAP_SCAN call; returns (regions filled, walk_end).
-    fn call(&mut self, req: &ScanRequest, start: u64, max_pages: u64) -> Result<(usize, u64), ScanError> {
+    fn call(
+        &mut self,
+        req: &ScanRequest,
+        start: u64,
+        max_pages: u64,
+    ) -> Result<(usize, u64), ScanError> {
         let mut arg = sys::pm_scan_arg {
             size: std::mem::size_of::<sys::pm_scan_arg>() as u64,
             flags: req.flags.bits(),
@@ -226,9 +242,16 @@ impl Pagemap {
             return Err(match Errno::last() {
                 Errno::NOTTY => ScanError::NotSupported,
                 Errno::PERM if req.flags.contains(ScanFlags::CHECK_WPASYNC) => {
-                    ScanError::NotWpAsync { start: req.start, end: req.end }
+                    ScanError::NotWpAsync {
+                        start: req.start,
+                        end: req.end,
+                    }
                 }
-                errno => ScanError::Kernel { start, end: req.end, errno },
+                errno => ScanError::Kernel {
+                    start,
+                    end: req.end,
+                    errno,
+                },
             });
         }
         // `ret` is the count of regions written, never more than vec_len.
@@ -241,7 +264,12 @@ impl Pagemap {
         match Pagemap::open_self() {
             Ok(mut pm) => {
                 let here = pm.buf.as_ptr() as u64 & !(BASE_PAGE as u64 - 1);
-                let req = ScanRequest::any_of(here, here + BASE_PAGE as u64, Categories::PRESENT, Categories::PRESENT);
+                let req = ScanRequest::any_of(
+                    here,
+                    here + BASE_PAGE as u64,
+                    Categories::PRESENT,
+                    Categories::PRESENT,
+                );
                 !matches!(pm.call(&req, here, 0), Err(ScanError::NotSupported))
             }
             Err(_) => false,
@@ -313,7 +341,11 @@ impl Iterator for Scan<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         if let Some(why) = self.bad.take() {
             self.finished = true;
-            return Some(Err(ScanError::BadRequest { start: self.req.start, end: self.req.end, why }));
+            return Some(Err(ScanError::BadRequest {
+                start: self.req.start,
+                end: self.req.end,
+                why,
+            }));
         }
         loop {
             if self.pos < self.filled {

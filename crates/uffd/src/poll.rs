@@ -12,8 +12,15 @@ use crate::errno::Errno;
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes (-1: forever).
 /// Returns, per fd, whether it is readable (or hung up / in error).
-pub fn poll_readable<const N: usize>(fds: [BorrowedFd<'_>; N], timeout_ms: i32) -> Result<[bool; N], Errno> {
-    let mut pfds = fds.map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+pub fn poll_readable<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    timeout_ms: i32,
+) -> Result<[bool; N], Errno> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
     loop {
         // SAFETY: `pfds` is a live array of N pollfd structs.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::errno::Errno;
 use crate::flags::{Features, Ioctls, RegisterMode};
-use crate::mm::{memfd_create, AnonOptions, HugePageSize, Mapping};
+use crate::mm::{AnonOptions, HugePageSize, Mapping, memfd_create};
 use crate::pagemap::Pagemap;
 use crate::uffd::{CreateError, Source, UffdBuilder};
 
@@ -50,7 +50,10 @@ impl Access {
         let mut out = Vec::new();
         if self.full() {
             if !self.cap_sys_ptrace {
-                out.push("UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE: fork events are unavailable".into());
+                out.push(
+                    "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE: fork events are unavailable"
+                        .into(),
+                );
             }
             return out;
         }
@@ -73,7 +76,10 @@ impl Access {
             out.push("or fix: `sysctl -w vm.unprivileged_userfaultfd=1` (currently 0)".into());
         }
         if !self.cap_sys_ptrace {
-            out.push("or fix: run with CAP_SYS_PTRACE (e.g. as root, or `setcap cap_sys_ptrace+ep`)".into());
+            out.push(
+                "or fix: run with CAP_SYS_PTRACE (e.g. as root, or `setcap cap_sys_ptrace+ep`)"
+                    .into(),
+            );
         }
         if self.user_mode_only_works {
             out.push(
@@ -138,7 +144,9 @@ pub fn capabilities() -> &'static Capabilities {
 }
 
 fn read_trim(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Whether the effective capability set has CAP_SYS_PTRACE (bit 19).
@@ -173,7 +181,10 @@ fn err_string(e: &CreateError) -> String {
 pub fn probe() -> Capabilities {
     let device = UffdBuilder::new().source(Source::Device).open_raw();
     let syscall = UffdBuilder::new().source(Source::Syscall).open_raw();
-    let umo = UffdBuilder::new().source(Source::Syscall).user_mode_only(true).open_raw();
+    let umo = UffdBuilder::new()
+        .source(Source::Syscall)
+        .user_mode_only(true)
+        .open_raw();
     let full_source = if device.is_ok() {
         Some(Source::Device)
     } else if syscall.is_ok() {
@@ -192,7 +203,8 @@ pub fn probe() -> Capabilities {
         device_error,
         syscall_error: syscall.as_ref().err().map(err_string),
         user_mode_only_works: umo.is_ok(),
-        unprivileged_sysctl: read_trim("/proc/sys/vm/unprivileged_userfaultfd").and_then(|s| s.parse().ok()),
+        unprivileged_sysctl: read_trim("/proc/sys/vm/unprivileged_userfaultfd")
+            .and_then(|s| s.parse().ok()),
         cap_sys_ptrace: has_cap_sys_ptrace(),
         full_source,
     };
@@ -221,6 +233,9 @@ pub fn probe() -> Capabilities {
     caps
 }
 
+/// A scratch mapping (and the memfd behind it, kept open while it is probed).
+type ProbeMapping = Result<(Mapping, Option<std::fs::File>), Errno>;
+
 fn probe_register() -> Vec<RegisterProbe> {
     let mut out = Vec::new();
     let modes = [
@@ -229,8 +244,11 @@ fn probe_register() -> Vec<RegisterProbe> {
         ("MINOR", RegisterMode::MINOR),
     ];
     let huge = HugePageSize::Size2M.bytes();
-    let mappings: [(&'static str, Result<(Mapping, Option<std::fs::File>), Errno>); 3] = [
-        ("anon", Mapping::anonymous(huge, AnonOptions::default()).map(|m| (m, None))),
+    let mappings: [(&str, ProbeMapping); 3] = [
+        (
+            "anon",
+            Mapping::anonymous(huge, AnonOptions::default()).map(|m| (m, None)),
+        ),
         (
             "shmem",
             memfd_create("livepage-probe", None).and_then(|f| {
@@ -242,7 +260,11 @@ fn probe_register() -> Vec<RegisterProbe> {
             "hugetlb",
             Mapping::anonymous(
                 huge,
-                AnonOptions { shared: true, hugetlb: Some(HugePageSize::Size2M), ..Default::default() },
+                AnonOptions {
+                    shared: true,
+                    hugetlb: Some(HugePageSize::Size2M),
+                    ..Default::default()
+                },
             )
             .map(|m| (m, None)),
         ),
@@ -253,7 +275,11 @@ fn probe_register() -> Vec<RegisterProbe> {
                 Err(e) => Err(format!("cannot map {memory} memory: {e}")),
                 Ok((m, _)) => register_once(m, mode),
             };
-            out.push(RegisterProbe { memory, mode: name.into(), result });
+            out.push(RegisterProbe {
+                memory,
+                mode: name.into(),
+                result,
+            });
         }
     }
     out

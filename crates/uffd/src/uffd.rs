@@ -16,7 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use livepage_sys as sys;
 
 use crate::errno::Errno;
-use crate::event::{decode, Event, EventBuffer, RawEvent};
+use crate::event::{Event, EventBuffer, RawEvent, decode};
 use crate::flags::{Features, Ioctls, RegisterMode};
 
 /// The base page size the resolving ioctls check alignment against.
@@ -66,7 +66,9 @@ pub enum CreateError {
         errno: Errno,
     },
     /// The kernel lacks requested features.
-    #[error("the kernel does not support userfaultfd features {missing:?} (it supports {supported:?})")]
+    #[error(
+        "the kernel does not support userfaultfd features {missing:?} (it supports {supported:?})"
+    )]
     UnsupportedFeatures {
         /// Requested but not supported.
         missing: Features,
@@ -74,7 +76,9 @@ pub enum CreateError {
         supported: Features,
     },
     /// EVENT_FORK needs CAP_SYS_PTRACE at handshake time.
-    #[error("UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE (EPERM at UFFDIO_API); run as root or grant the capability")]
+    #[error(
+        "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE (EPERM at UFFDIO_API); run as root or grant the capability"
+    )]
     ForkEventNeedsPtrace,
     /// UFFDIO_API failed otherwise.
     #[error("UFFDIO_API handshake failed: {0}")]
@@ -182,19 +186,27 @@ impl UffdBuilder {
         };
         if self.source == Source::Device {
             return Err(match device_errno {
-                Errno::ACCES | Errno::PERM => {
-                    CreateError::PermissionDenied { device: device_errno, syscall: Errno::PERM }
-                }
-                errno => CreateError::Create { via: "/dev/userfaultfd", errno },
+                Errno::ACCES | Errno::PERM => CreateError::PermissionDenied {
+                    device: device_errno,
+                    syscall: Errno::PERM,
+                },
+                errno => CreateError::Create {
+                    via: "/dev/userfaultfd",
+                    errno,
+                },
             });
         }
         match open_via_syscall(flags) {
             Ok(fd) => Ok(fd),
             Err(Errno::NOSYS) => Err(CreateError::NotSupported),
-            Err(Errno::PERM) => {
-                Err(CreateError::PermissionDenied { device: device_errno, syscall: Errno::PERM })
-            }
-            Err(errno) => Err(CreateError::Create { via: "userfaultfd(2)", errno }),
+            Err(Errno::PERM) => Err(CreateError::PermissionDenied {
+                device: device_errno,
+                syscall: Errno::PERM,
+            }),
+            Err(errno) => Err(CreateError::Create {
+                via: "userfaultfd(2)",
+                errno,
+            }),
         }
     }
 
@@ -205,7 +217,11 @@ impl UffdBuilder {
     /// it), the syscall, or a feature the kernel lacks.
     pub fn create(&self) -> Result<Uffd, CreateError> {
         let fd = self.open_raw()?;
-        let mut api = sys::uffdio_api { api: sys::UFFD_API, features: self.features.bits(), ioctls: 0 };
+        let mut api = sys::uffdio_api {
+            api: sys::UFFD_API,
+            features: self.features.bits(),
+            ioctls: 0,
+        };
         // SAFETY: `fd` is a fresh userfaultfd we own; `api` is a valid uffdio_api that
         // outlives the call.
         let ret = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
@@ -404,7 +420,11 @@ pub enum ReadError {
 }
 
 fn check_range(op: Op, start: usize, len: usize) -> Result<(), RangeError> {
-    let bad = || RangeError::BadRange { op, start: start as u64, len: len as u64 };
+    let bad = || RangeError::BadRange {
+        op,
+        start: start as u64,
+        len: len as u64,
+    };
     if len == 0 || start % BASE_PAGE != 0 || len % BASE_PAGE != 0 {
         return Err(bad());
     }
@@ -413,9 +433,18 @@ fn check_range(op: Op, start: usize, len: usize) -> Result<(), RangeError> {
 
 fn classify(op: Op, start: usize, len: usize, errno: Errno) -> RangeError {
     match errno {
-        Errno::NOENT => RangeError::NotRegistered { op, start: start as u64, len: len as u64 },
+        Errno::NOENT => RangeError::NotRegistered {
+            op,
+            start: start as u64,
+            len: len as u64,
+        },
         Errno::SRCH | Errno::NOSPC => RangeError::TargetGone { op, errno },
-        errno => RangeError::Kernel { op, start: start as u64, len: len as u64, errno },
+        errno => RangeError::Kernel {
+            op,
+            start: start as u64,
+            len: len as u64,
+            errno,
+        },
     }
 }
 
@@ -516,10 +545,18 @@ impl Uffd {
     /// and must access it only through raw pointers or volatile operations.
     /// The range must not be memory the handling threads themselves need to
     /// run (their stacks, heap, this process's code).
-    pub unsafe fn register(&self, start: usize, len: usize, mode: RegisterMode) -> Result<Ioctls, RangeError> {
+    pub unsafe fn register(
+        &self,
+        start: usize,
+        len: usize,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, RangeError> {
         check_range(Op::Register, start, len)?;
         let mut reg = sys::uffdio_register {
-            range: sys::uffdio_range { start: start as u64, len: len as u64 },
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
             mode: mode.bits(),
             ioctls: 0,
         };
@@ -532,7 +569,10 @@ impl Uffd {
     /// `UFFDIO_UNREGISTER`. Threads waiting on faults in the range are woken.
     pub fn unregister(&self, start: usize, len: usize) -> Result<(), RangeError> {
         check_range(Op::Unregister, start, len)?;
-        let mut range = sys::uffdio_range { start: start as u64, len: len as u64 };
+        let mut range = sys::uffdio_range {
+            start: start as u64,
+            len: len as u64,
+        };
         if self.ioctl(sys::UFFDIO_UNREGISTER, &mut range) < 0 {
             return Err(classify(Op::Unregister, start, len, Errno::last()));
         }
@@ -542,7 +582,10 @@ impl Uffd {
     /// `UFFDIO_WAKE`: wakes threads blocked on faults in the range.
     pub fn wake(&self, start: usize, len: usize) -> Result<(), RangeError> {
         check_range(Op::Wake, start, len)?;
-        let mut range = sys::uffdio_range { start: start as u64, len: len as u64 };
+        let mut range = sys::uffdio_range {
+            start: start as u64,
+            len: len as u64,
+        };
         if self.ioctl(sys::UFFDIO_WAKE, &mut range) < 0 {
             return Err(classify(Op::Wake, start, len, Errno::last()));
         }
@@ -573,11 +616,23 @@ impl Uffd {
     }
 
     /// `UFFDIO_ZEROPAGE`: maps zeros (the shared zero page on private anon).
-    pub fn zeropage(&self, start: usize, len: usize, dont_wake: bool) -> Result<Resolved, RangeError> {
+    pub fn zeropage(
+        &self,
+        start: usize,
+        len: usize,
+        dont_wake: bool,
+    ) -> Result<Resolved, RangeError> {
         check_range(Op::ZeroPage, start, len)?;
         let mut arg = sys::uffdio_zeropage {
-            range: sys::uffdio_range { start: start as u64, len: len as u64 },
-            mode: if dont_wake { sys::mode::ZEROPAGE_DONTWAKE } else { 0 },
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: if dont_wake {
+                sys::mode::ZEROPAGE_DONTWAKE
+            } else {
+                0
+            },
             zeropage: 0,
         };
         let ret = self.ioctl(sys::UFFDIO_ZEROPAGE, &mut arg);
@@ -586,7 +641,13 @@ impl Uffd {
 
     /// `UFFDIO_WRITEPROTECT`: `protect` sets uffd-wp on the range; clearing it
     /// wakes writers unless `dont_wake`. (The kernel refuses WP together with DONTWAKE.)
-    pub fn write_protect(&self, start: usize, len: usize, protect: bool, dont_wake: bool) -> Result<Resolved, RangeError> {
+    pub fn write_protect(
+        &self,
+        start: usize,
+        len: usize,
+        protect: bool,
+        dont_wake: bool,
+    ) -> Result<Resolved, RangeError> {
         check_range(Op::WriteProtect, start, len)?;
         let mode = match (protect, dont_wake) {
             (true, _) => sys::mode::WRITEPROTECT_WP,
@@ -594,7 +655,10 @@ impl Uffd {
             (false, false) => 0,
         };
         let mut arg = sys::uffdio_writeprotect {
-            range: sys::uffdio_range { start: start as u64, len: len as u64 },
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
             mode,
         };
         let ret = self.ioctl(sys::UFFDIO_WRITEPROTECT, &mut arg);
@@ -604,7 +668,13 @@ impl Uffd {
     /// `UFFDIO_CONTINUE` (MINOR mode): maps the page-cache pages of the range.
     /// `write_protect` maps them write-protected (needs a WP registration).
     #[inline]
-    pub fn continue_range(&self, start: usize, len: usize, dont_wake: bool, write_protect: bool) -> Result<Resolved, RangeError> {
+    pub fn continue_range(
+        &self,
+        start: usize,
+        len: usize,
+        dont_wake: bool,
+        write_protect: bool,
+    ) -> Result<Resolved, RangeError> {
         check_range(Op::Continue, start, len)?;
         let mut mode = 0;
         if dont_wake {
@@ -614,7 +684,10 @@ impl Uffd {
             mode |= sys::mode::CONTINUE_WP;
         }
         let mut arg = sys::uffdio_continue {
-            range: sys::uffdio_range { start: start as u64, len: len as u64 },
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
             mode,
             mapped: 0,
         };
@@ -623,11 +696,23 @@ impl Uffd {
     }
 
     /// `UFFDIO_POISON`: later accesses to the range raise SIGBUS.
-    pub fn poison(&self, start: usize, len: usize, dont_wake: bool) -> Result<Resolved, RangeError> {
+    pub fn poison(
+        &self,
+        start: usize,
+        len: usize,
+        dont_wake: bool,
+    ) -> Result<Resolved, RangeError> {
         check_range(Op::Poison, start, len)?;
         let mut arg = sys::uffdio_poison {
-            range: sys::uffdio_range { start: start as u64, len: len as u64 },
-            mode: if dont_wake { sys::mode::POISON_DONTWAKE } else { 0 },
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: if dont_wake {
+                sys::mode::POISON_DONTWAKE
+            } else {
+                0
+            },
             updated: 0,
         };
         let ret = self.ioctl(sys::UFFDIO_POISON, &mut arg);
@@ -642,7 +727,14 @@ impl Uffd {
     /// `[src, src+len)` is private anonymous memory of this process that no Rust
     /// reference points into; after the call its pages are gone (they read as zeros
     /// or fault).
-    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize, dont_wake: bool, allow_src_holes: bool) -> Result<Resolved, RangeError> {
+    pub unsafe fn move_pages(
+        &self,
+        dst: usize,
+        src: usize,
+        len: usize,
+        dont_wake: bool,
+        allow_src_holes: bool,
+    ) -> Result<Resolved, RangeError> {
         check_range(Op::Move, dst, len)?;
         check_range(Op::Move, src, len)?;
         let mut mode = 0;
@@ -652,7 +744,13 @@ impl Uffd {
         if allow_src_holes {
             mode |= sys::mode::MOVE_ALLOW_SRC_HOLES;
         }
-        let mut arg = sys::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode, moved: 0 };
+        let mut arg = sys::uffdio_move {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            moved: 0,
+        };
         let ret = self.ioctl(sys::UFFDIO_MOVE, &mut arg);
         outcome(Op::Move, dst, len, ret, arg.moved)
     }
@@ -661,7 +759,10 @@ impl Uffd {
     /// fd is O_NONBLOCK) and decodes them into `buf`. Returns the decoded events;
     /// an empty drain means nothing was queued on a non-blocking fd.
     /// A fork event's fd is owned by the returned [`Event::Fork`].
-    pub fn read_events<'b>(&self, buf: &'b mut EventBuffer) -> Result<std::vec::Drain<'b, Event>, ReadError> {
+    pub fn read_events<'b>(
+        &self,
+        buf: &'b mut EventBuffer,
+    ) -> Result<std::vec::Drain<'b, Event>, ReadError> {
         buf.events.clear();
         let bytes = loop {
             // SAFETY: `buf.raw` is a live, writable array of uffd_msg; the length passed
@@ -692,10 +793,16 @@ impl Uffd {
                     // SAFETY: the kernel installed `ufd` in our fd table for this message
                     // and hands its ownership to the reader.
                     let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
-                    buf.events.push(Event::Fork { uffd: Uffd::from_handshaken_fd(fd, self.enabled) })
+                    buf.events.push(Event::Fork {
+                        uffd: Uffd::from_handshaken_fd(fd, self.enabled),
+                    })
                 }
-                Ok(RawEvent::Remap { from, to, len }) => buf.events.push(Event::Remap { from, to, len }),
-                Ok(RawEvent::Remove { start, end }) => buf.events.push(Event::Remove { start, end }),
+                Ok(RawEvent::Remap { from, to, len }) => {
+                    buf.events.push(Event::Remap { from, to, len })
+                }
+                Ok(RawEvent::Remove { start, end }) => {
+                    buf.events.push(Event::Remove { start, end })
+                }
                 Ok(RawEvent::Unmap { start, end }) => buf.events.push(Event::Unmap { start, end }),
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -719,9 +826,18 @@ mod tests {
     #[test]
     fn ranges_are_validated_before_the_kernel() {
         assert!(check_range(Op::Copy, 0x1000, 0x1000).is_ok());
-        assert!(matches!(check_range(Op::Copy, 0x1001, 0x1000), Err(RangeError::BadRange { .. })));
-        assert!(matches!(check_range(Op::Copy, 0x1000, 0), Err(RangeError::BadRange { .. })));
-        assert!(matches!(check_range(Op::Copy, 0x1000, 0x800), Err(RangeError::BadRange { .. })));
+        assert!(matches!(
+            check_range(Op::Copy, 0x1001, 0x1000),
+            Err(RangeError::BadRange { .. })
+        ));
+        assert!(matches!(
+            check_range(Op::Copy, 0x1000, 0),
+            Err(RangeError::BadRange { .. })
+        ));
+        assert!(matches!(
+            check_range(Op::Copy, 0x1000, 0x800),
+            Err(RangeError::BadRange { .. })
+        ));
         assert!(matches!(
             check_range(Op::Copy, usize::MAX & !0xfff, 0x2000),
             Err(RangeError::BadRange { .. })
@@ -730,8 +846,17 @@ mod tests {
 
     #[test]
     fn classify_keeps_errno() {
-        assert_eq!(classify(Op::Copy, 0, 4096, Errno::NOENT).errno(), Errno::NOENT);
-        assert!(matches!(classify(Op::Copy, 0, 4096, Errno::NOSPC), RangeError::TargetGone { .. }));
-        assert_eq!(classify(Op::Move, 0, 4096, Errno::BUSY).errno(), Errno::BUSY);
+        assert_eq!(
+            classify(Op::Copy, 0, 4096, Errno::NOENT).errno(),
+            Errno::NOENT
+        );
+        assert!(matches!(
+            classify(Op::Copy, 0, 4096, Errno::NOSPC),
+            RangeError::TargetGone { .. }
+        ));
+        assert_eq!(
+            classify(Op::Move, 0, 4096, Errno::BUSY).errno(),
+            Errno::BUSY
+        );
     }
 }

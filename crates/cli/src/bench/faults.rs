@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use livepage_mem::{MemoryKind, Region};
-use livepage_uffd::mm::{pin_current_thread, Advice};
+use livepage_uffd::mm::{Advice, pin_current_thread};
 use livepage_uffd::poll::poll_readable;
-use livepage_uffd::{reference, sys, CopyMode, Event, EventBuffer, Features, RegisterMode, Resolved, Uffd, UffdBuilder};
+use livepage_uffd::{
+    CopyMode, Event, EventBuffer, Features, RegisterMode, Resolved, Uffd, UffdBuilder, reference,
+    sys,
+};
 use serde::Serialize;
 
 use super::{percentile, progress};
-use crate::table::{si, us, Table};
+use crate::table::{Table, si, us};
 
 const PAGE: usize = 4096;
 
@@ -117,9 +120,16 @@ impl Setup {
         let nonblocking = matches!(strategy, Strategy::Poll | Strategy::Busy);
         let (kind, features, mode) = match path {
             Path::AnonCopy => (MemoryKind::Anon, Features::empty(), RegisterMode::MISSING),
-            Path::ShmemContinue => (MemoryKind::Shmem, Features::MINOR_SHMEM, RegisterMode::MINOR),
+            Path::ShmemContinue => (
+                MemoryKind::Shmem,
+                Features::MINOR_SHMEM,
+                RegisterMode::MINOR,
+            ),
         };
-        let uffd = UffdBuilder::new().non_blocking(nonblocking).features(features).create()?;
+        let uffd = UffdBuilder::new()
+            .non_blocking(nonblocking)
+            .features(features)
+            .create()?;
         let region = Region::new(kind, (pages + handlers) * PAGE)?;
         if path == Path::ShmemContinue {
             // The page cache holds every page; only the mapping is missing.
@@ -132,7 +142,15 @@ impl Setup {
             }
         }
         region.register(&uffd, mode)?;
-        Ok(Setup { region, uffd, path, strategy, pages, sentinels: handlers, proto: vec![0xabu8; PAGE] })
+        Ok(Setup {
+            region,
+            uffd,
+            path,
+            strategy,
+            pages,
+            sentinels: handlers,
+            proto: vec![0xabu8; PAGE],
+        })
     }
 
     fn sentinel_start(&self) -> usize {
@@ -189,7 +207,10 @@ impl Setup {
         let t0 = Instant::now();
         let mut lat: Vec<u64> = Vec::with_capacity(self.pages);
         for f in faulters {
-            lat.extend(f.join().unwrap_or_else(|_| fatal("a faulting thread died".into())));
+            lat.extend(
+                f.join()
+                    .unwrap_or_else(|_| fatal("a faulting thread died".into())),
+            );
         }
         let elapsed = t0.elapsed();
         // Each sentinel fault stops exactly one handler.
@@ -203,7 +224,10 @@ impl Setup {
                 fatal("a handler thread died".into());
             }
         }
-        ((per * threads) as f64 / elapsed.as_secs_f64().max(1e-9), lat)
+        (
+            (per * threads) as f64 / elapsed.as_secs_f64().max(1e-9),
+            lat,
+        )
     }
 
     /// The handler loop over the safe layer.
@@ -217,7 +241,9 @@ impl Setup {
                     fatal(format!("poll: {e}"));
                 }
             }
-            let events = u.read_events(&mut buf).unwrap_or_else(|e| fatal(e.to_string()));
+            let events = u
+                .read_events(&mut buf)
+                .unwrap_or_else(|e| fatal(e.to_string()));
             let mut any = false;
             let mut stop = false;
             for ev in events {
@@ -314,9 +340,20 @@ struct Samples {
 }
 
 impl Samples {
-    fn measure(&mut self, setup: &Arc<Setup>, threads: usize, handlers: usize, reps: usize, bar: &indicatif::ProgressBar) {
+    fn measure(
+        &mut self,
+        setup: &Arc<Setup>,
+        threads: usize,
+        handlers: usize,
+        reps: usize,
+        bar: &indicatif::ProgressBar,
+    ) {
         for rep in 0..reps {
-            let order = if rep % 2 == 0 { [Impl::Raw, Impl::Safe] } else { [Impl::Safe, Impl::Raw] };
+            let order = if rep % 2 == 0 {
+                [Impl::Raw, Impl::Safe]
+            } else {
+                [Impl::Safe, Impl::Raw]
+            };
             for imp in order {
                 let (rate, lat) = setup.run(threads, handlers, imp);
                 let i = usize::from(imp == Impl::Safe);
@@ -343,12 +380,18 @@ impl Samples {
 }
 
 pub fn run(args: &FaultsArgs) -> anyhow::Result<Vec<Row>> {
-    if args.threads.iter().chain(&args.handlers).any(|n| *n == 0) || args.pages == 0 || args.reps == 0 {
+    if args.threads.iter().chain(&args.handlers).any(|n| *n == 0)
+        || args.pages == 0
+        || args.reps == 0
+    {
         anyhow::bail!("thread counts, --pages and --reps must be at least 1");
     }
     let caps = livepage_uffd::probe::capabilities();
     if !caps.access.full() {
-        anyhow::bail!("no userfaultfd available: {}", caps.access.advice().join("; "));
+        anyhow::bail!(
+            "no userfaultfd available: {}",
+            caps.access.advice().join("; ")
+        );
     }
     let mut configs = Vec::new();
     for &path in &args.paths {
@@ -398,8 +441,17 @@ pub fn run(args: &FaultsArgs) -> anyhow::Result<Vec<Row>> {
 
 pub fn render(rows: &[Row]) -> String {
     let mut t = Table::new([
-        "path", "strategy", "faulting", "handlers", "livepage pages/s", "p50 µs", "p99 µs", "raw libc pages/s",
-        "p50 µs", "p99 µs", "ratio",
+        "path",
+        "strategy",
+        "faulting",
+        "handlers",
+        "livepage pages/s",
+        "p50 µs",
+        "p99 µs",
+        "raw libc pages/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio",
     ]);
     for r in rows {
         t.row([
@@ -418,5 +470,8 @@ pub fn render(rows: &[Row]) -> String {
     }
     let min = rows.iter().map(|r| r.ratio).fold(f64::INFINITY, f64::min);
     let geo = (rows.iter().map(|r| r.ratio.ln()).sum::<f64>() / rows.len().max(1) as f64).exp();
-    format!("{}\nratio = livepage / raw libc pages/s; min {min:.2}, geometric mean {geo:.2}\n", t.render())
+    format!(
+        "{}\nratio = livepage / raw libc pages/s; min {min:.2}, geometric mean {geo:.2}\n",
+        t.render()
+    )
 }

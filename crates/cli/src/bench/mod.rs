@@ -18,7 +18,9 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());

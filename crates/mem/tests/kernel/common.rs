@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livepage_mem::{MemoryKind, Region};
-use livepage_uffd::poll::{poll_readable, EventFd};
+use livepage_uffd::poll::{EventFd, poll_readable};
 use livepage_uffd::probe::capabilities;
 use livepage_uffd::{Event, EventBuffer, Features, Uffd, UffdBuilder};
 
@@ -16,18 +16,30 @@ pub const KINDS: [MemoryKind; 3] = [MemoryKind::Anon, MemoryKind::Shmem, MemoryK
 pub fn uffd(test: &str, features: Features) -> Option<Uffd> {
     let caps = capabilities();
     if !caps.access.full() {
-        livepage_testutil::skip(test, &format!("no full userfaultfd: {:?}", caps.access.advice()));
+        livepage_testutil::skip(
+            test,
+            &format!("no full userfaultfd: {:?}", caps.access.advice()),
+        );
         return None;
     }
     if !caps.features.contains(features) {
-        livepage_testutil::skip(test, &format!("kernel lacks {:?}", features.difference(caps.features)));
+        livepage_testutil::skip(
+            test,
+            &format!("kernel lacks {:?}", features.difference(caps.features)),
+        );
         return None;
     }
     if features.contains(Features::EVENT_FORK) && !caps.access.cap_sys_ptrace {
         livepage_testutil::skip(test, "EVENT_FORK needs CAP_SYS_PTRACE");
         return None;
     }
-    Some(UffdBuilder::new().non_blocking(true).features(features).create().expect("create uffd"))
+    Some(
+        UffdBuilder::new()
+            .non_blocking(true)
+            .features(features)
+            .create()
+            .expect("create uffd"),
+    )
 }
 
 /// A region of `pages` pages of `kind`, or None (after a printed skip).
@@ -53,7 +65,13 @@ pub fn kind_features(kind: MemoryKind) -> Features {
 
 /// A deterministic pattern for page `index`.
 pub fn pattern(index: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(index as u64 * 7 + 1) as u8).collect()
+    (0..len)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(index as u64 * 7 + 1) as u8
+        })
+        .collect()
 }
 
 /// A thread serving events of one uffd until stopped.
@@ -84,7 +102,10 @@ impl Server {
                 }
             }
         });
-        Server { stop, handle: Some(handle) }
+        Server {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Stops the thread and waits for it (propagating its panic).
@@ -118,11 +139,18 @@ impl AsFdRef for Uffd {
 }
 
 /// Runs `f` on a thread and fails if it does not finish within `secs`.
-pub fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let h = std::thread::spawn(f);
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !h.is_finished() {
-        assert!(Instant::now() < deadline, "{what} did not finish within {secs}s (a fault was never resolved?)");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not finish within {secs}s (a fault was never resolved?)"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     match h.join() {
@@ -133,7 +161,8 @@ pub fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + 
 
 /// The uffd-wp bit (57) of `addr`'s pagemap entry.
 pub fn wp_bit(addr: usize) -> bool {
-    livepage_uffd::mm::pagemap_entry(addr).unwrap() & livepage_uffd::sys::pagemap_entry::UFFD_WP != 0
+    livepage_uffd::mm::pagemap_entry(addr).unwrap() & livepage_uffd::sys::pagemap_entry::UFFD_WP
+        != 0
 }
 
 /// Forks; the child runs `child` (which must not allocate or take locks: the
@@ -156,7 +185,11 @@ pub fn fork_child(child: impl FnOnce() -> i32) -> i32 {
         if r == pid {
             return status;
         }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid failed");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINTR),
+            "waitpid failed"
+        );
     }
 }
 
@@ -187,11 +220,18 @@ pub fn child_write(addr: usize, value: u8) {
 /// (SIGBUS-mode fault or a poisoned page).
 pub fn kernel_read(addr: usize, len: usize) -> i32 {
     let mut fds = [0i32; 2];
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+        0
+    );
     // Make the pipe big enough for one huge page.
     unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4 << 20) };
     let n = unsafe { libc::write(fds[1], addr as *const libc::c_void, len) };
-    let err = if n < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) } else { 0 };
+    let err = if n < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    };
     unsafe {
         libc::close(fds[0]);
         libc::close(fds[1]);

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use livepage_mem::{MemoryKind, RangeSet};
-use livepage_uffd::mm::{memfd_create, Advice, Mapping};
+use livepage_uffd::mm::{Advice, Mapping, memfd_create};
 use livepage_uffd::{CopyMode, Event, Features, RegisterMode, Resolved};
 
 use crate::common::*;
@@ -24,15 +24,23 @@ struct Seen {
 fn events_on(kind: MemoryKind) {
     const PAGES: usize = 32;
     const PS: usize = 4096;
-    let feats = Features::EVENT_REMAP | Features::EVENT_REMOVE | Features::EVENT_UNMAP | kind_features(kind);
-    let Some(u) = uffd("events", feats) else { return };
+    let feats = Features::EVENT_REMAP
+        | Features::EVENT_REMOVE
+        | Features::EVENT_UNMAP
+        | kind_features(kind);
+    let Some(u) = uffd("events", feats) else {
+        return;
+    };
     let len = PAGES * PS;
     let (map, _file) = match kind {
         MemoryKind::Anon => (Mapping::anonymous(len, Default::default()).unwrap(), None),
         _ => {
             let f = memfd_create("events", None).unwrap();
             f.set_len(len as u64).unwrap();
-            (Mapping::file(std::os::fd::AsFd::as_fd(&f), 0, len, true).unwrap(), Some(f))
+            (
+                Mapping::file(std::os::fd::AsFd::as_fd(&f), 0, len, true).unwrap(),
+                Some(f),
+            )
         }
     };
     map.advise(0, len, Advice::NoHugePage).ok();
@@ -54,12 +62,22 @@ fn events_on(kind: MemoryKind) {
                     s.zero_filled += 1;
                     u.zeropage(pf.address as usize, PS, false)
                 } else {
-                    u.copy(pf.address as usize, &pattern(off / PS, PS), CopyMode::default())
+                    u.copy(
+                        pf.address as usize,
+                        &pattern(off / PS, PS),
+                        CopyMode::default(),
+                    )
                 };
-                assert!(matches!(res.unwrap(), Resolved::All | Resolved::AlreadyPresent));
+                assert!(matches!(
+                    res.unwrap(),
+                    Resolved::All | Resolved::AlreadyPresent
+                ));
             }
             Event::Remap { from, to, len: l } => {
-                assert_eq!((from as usize, l as usize), (b2.load(Ordering::SeqCst), len));
+                assert_eq!(
+                    (from as usize, l as usize),
+                    (b2.load(Ordering::SeqCst), len)
+                );
                 b2.store(to as usize, Ordering::SeqCst);
                 s.remaps += 1;
             }
@@ -74,10 +92,15 @@ fn events_on(kind: MemoryKind) {
     });
     // A placeholder the area is moved onto (mremap to the same size would not move).
     let (target, _) = Mapping::anonymous(len, Default::default()).unwrap().leak();
-    let discard_advice = if kind == MemoryKind::Anon { libc::MADV_DONTNEED } else { libc::MADV_REMOVE };
+    let discard_advice = if kind == MemoryKind::Anon {
+        libc::MADV_DONTNEED
+    } else {
+        libc::MADV_REMOVE
+    };
     within(20, "events worker", move || {
         let check = |base: usize, p: usize, want: &[u8]| {
-            let got = unsafe { std::slice::from_raw_parts((base + p * PS) as *const u8, PS) }.to_vec();
+            let got =
+                unsafe { std::slice::from_raw_parts((base + p * PS) as *const u8, PS) }.to_vec();
             assert_eq!(got, want, "page {p}");
         };
         for p in 0..PAGES / 2 {
@@ -85,7 +108,13 @@ fn events_on(kind: MemoryKind) {
         }
         // Move the registered area: the registration and our view follow it.
         let new = unsafe {
-            libc::mremap(old_base as *mut _, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, target as *mut libc::c_void)
+            libc::mremap(
+                old_base as *mut _,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target as *mut libc::c_void,
+            )
         };
         assert_ne!(new, libc::MAP_FAILED);
         let new = new as usize;
@@ -94,7 +123,10 @@ fn events_on(kind: MemoryKind) {
             check(new, p, &pattern(p, PS));
         }
         // Discard four pages: afterwards they must read as zeros, not stale data.
-        assert_eq!(unsafe { libc::madvise((new + 4 * PS) as *mut _, 4 * PS, discard_advice) }, 0);
+        assert_eq!(
+            unsafe { libc::madvise((new + 4 * PS) as *mut _, 4 * PS, discard_advice) },
+            0
+        );
         for p in 4..8 {
             check(new, p, &[0u8; PS]);
         }
@@ -103,7 +135,9 @@ fn events_on(kind: MemoryKind) {
     // munmap's event is read asynchronously; wait for it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let final_unmap = (target as u64, (target + len) as u64);
-    while !seen.lock().unwrap().unmaps.contains(&final_unmap) && std::time::Instant::now() < deadline {
+    while !seen.lock().unwrap().unmaps.contains(&final_unmap)
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     server.stop();
@@ -111,8 +145,16 @@ fn events_on(kind: MemoryKind) {
     assert_eq!(s.remaps, 1, "{kind}: remap");
     assert_eq!(s.removes, 1, "{kind}: remove");
     // mremap over the placeholder may report an unmap too; the final munmap must be there.
-    assert!(s.unmaps.contains(&final_unmap), "{kind}: unmap events {:x?}", s.unmaps);
-    assert_eq!(s.faults, PAGES + 4, "{kind}: one fault per page, plus the discarded ones again");
+    assert!(
+        s.unmaps.contains(&final_unmap),
+        "{kind}: unmap events {:x?}",
+        s.unmaps
+    );
+    assert_eq!(
+        s.faults,
+        PAGES + 4,
+        "{kind}: one fault per page, plus the discarded ones again"
+    );
     assert_eq!(s.zero_filled, 4, "{kind}");
 }
 
@@ -130,7 +172,9 @@ fn events_remap_remove_unmap_shmem() {
 /// which the monitor receives as a new fd and serves.
 #[test]
 fn events_fork_child_served_through_new_fd() {
-    let Some(u) = uffd("events_fork", Features::EVENT_FORK) else { return };
+    let Some(u) = uffd("events_fork", Features::EVENT_FORK) else {
+        return;
+    };
     let r = livepage_mem::Region::new(MemoryKind::Anon, 4 * 4096).unwrap();
     r.register(&u, RegisterMode::MISSING).unwrap();
     let u = Arc::new(u);
@@ -155,10 +199,17 @@ fn events_fork_child_served_through_new_fd() {
     });
     let addr = r.addr();
     let status = fork_child(|| i32::from(child_read(addr + 4096) != 0xc5));
-    assert!(exited(status, 0), "child must read the page its monitor served (status {status:#x})");
+    assert!(
+        exited(status, 0),
+        "child must read the page its monitor served (status {status:#x})"
+    );
     server.stop();
     for s in child_servers.lock().unwrap().drain(..) {
         s.stop();
     }
-    assert_eq!(parent_faults.load(Ordering::SeqCst), 0, "the child's fault must not reach the parent's context");
+    assert_eq!(
+        parent_faults.load(Ordering::SeqCst),
+        0,
+        "the child's fault must not reach the parent's context"
+    );
 }

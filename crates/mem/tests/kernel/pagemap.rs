@@ -2,12 +2,14 @@
 //! `walk_end` defect), small output buffers, max_pages, CHECK_WPASYNC, THP
 //! at 4 KiB granularity, and the transact case (writers racing harvests).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use livepage_mem::{MemoryKind, Region};
-use livepage_uffd::{Categories, Features, PageRegion, Pagemap, RegisterMode, Resolved, ScanError, ScanRequest, Uffd};
 use livepage_testutil::require;
+use livepage_uffd::{
+    Categories, Features, PageRegion, Pagemap, RegisterMode, Resolved, ScanError, ScanRequest, Uffd,
+};
 
 use crate::common::*;
 
@@ -16,7 +18,10 @@ fn tracked(test: &str, kind: MemoryKind, pages: usize) -> Option<(Uffd, Region)>
     let u = uffd(test, Features::WP_ASYNC)?;
     let r = region(test, kind, pages)?;
     r.register(&u, RegisterMode::WP).unwrap();
-    assert_eq!(u.write_protect(r.addr(), r.len(), true, false).unwrap(), Resolved::All);
+    assert_eq!(
+        u.write_protect(r.addr(), r.len(), true, false).unwrap(),
+        Resolved::All
+    );
     Some((u, r))
 }
 
@@ -36,42 +41,68 @@ fn collect(pm: &mut Pagemap, req: ScanRequest) -> Vec<PageRegion> {
 #[test]
 fn more_than_512_regions_no_duplicates() {
     const PAGES: usize = 4096;
-    let Some((_u, r)) = tracked("scan_512", MemoryKind::Anon, PAGES) else { return };
+    let Some((_u, r)) = tracked("scan_512", MemoryKind::Anon, PAGES) else {
+        return;
+    };
     // Write every other page: 2048 separate written regions.
     for p in (0..PAGES).step_by(2) {
         r.write_u64(p * 4096, p as u64 + 1).unwrap();
     }
-    let want: Vec<u64> = (0..PAGES).step_by(2).map(|p| (r.addr() + p * 4096) as u64).collect();
+    let want: Vec<u64> = (0..PAGES)
+        .step_by(2)
+        .map(|p| (r.addr() + p * 4096) as u64)
+        .collect();
     let (s, e) = (r.addr() as u64, (r.addr() + r.len()) as u64);
     for vec_len in [1024usize, 600, 100, 1] {
         let mut pm = Pagemap::open_self().unwrap();
         pm.set_vec_len(vec_len);
         let got = collect(&mut pm, ScanRequest::written(s, e));
         let starts: Vec<u64> = got.iter().map(|g| g.start).collect();
-        assert_eq!(starts, want, "vec_len {vec_len}: regions must be exact, without duplicates");
-        assert!(got.iter().all(|g| g.len() == 4096 && g.categories == Categories::WRITTEN));
+        assert_eq!(
+            starts, want,
+            "vec_len {vec_len}: regions must be exact, without duplicates"
+        );
+        assert!(
+            got.iter()
+                .all(|g| g.len() == 4096 && g.categories == Categories::WRITTEN)
+        );
     }
     // Harvest (report + re-protect), then nothing is left.
     let mut pm = Pagemap::open_self().unwrap();
     pm.set_vec_len(700);
-    assert_eq!(collect(&mut pm, ScanRequest::harvest_written(s, e)).len(), want.len());
+    assert_eq!(
+        collect(&mut pm, ScanRequest::harvest_written(s, e)).len(),
+        want.len()
+    );
     assert!(collect(&mut pm, ScanRequest::written(s, e)).is_empty());
     // Adjacent written pages merge into one region, across output buffers too.
     r.fill(0, 64 * 4096, 1).unwrap();
     pm.set_vec_len(3);
     let got = collect(&mut pm, ScanRequest::written(s, e));
-    assert_eq!(got, vec![PageRegion { start: s, end: s + 64 * 4096, categories: Categories::WRITTEN }]);
+    assert_eq!(
+        got,
+        vec![PageRegion {
+            start: s,
+            end: s + 64 * 4096,
+            categories: Categories::WRITTEN
+        }]
+    );
 }
 
 #[test]
 fn max_pages_is_a_total_budget() {
-    let Some((_u, r)) = tracked("scan_max_pages", MemoryKind::Anon, 64) else { return };
+    let Some((_u, r)) = tracked("scan_max_pages", MemoryKind::Anon, 64) else {
+        return;
+    };
     for p in (0..64).step_by(3) {
         r.write_u64(p * 4096, 1).unwrap();
     }
     let mut pm = Pagemap::open_self().unwrap();
     pm.set_vec_len(1);
-    let req = ScanRequest { max_pages: 5, ..ScanRequest::written(r.addr() as u64, (r.addr() + r.len()) as u64) };
+    let req = ScanRequest {
+        max_pages: 5,
+        ..ScanRequest::written(r.addr() as u64, (r.addr() + r.len()) as u64)
+    };
     let got = collect(&mut pm, req);
     let pages: u64 = got.iter().map(|g| g.len() / 4096).sum();
     assert_eq!(pages, 5);
@@ -84,10 +115,20 @@ fn check_wpasync_rejects_untracked_memory() {
     let r = Region::new(MemoryKind::Anon, 16 * 4096).unwrap();
     r.fill(0, r.len(), 1).unwrap();
     let mut pm = Pagemap::open_self().unwrap();
-    let res: Result<Vec<_>, _> = pm.scan(ScanRequest::harvest_written(r.addr() as u64, (r.addr() + r.len()) as u64)).collect();
+    let res: Result<Vec<_>, _> = pm
+        .scan(ScanRequest::harvest_written(
+            r.addr() as u64,
+            (r.addr() + r.len()) as u64,
+        ))
+        .collect();
     assert!(matches!(res, Err(ScanError::NotWpAsync { .. })), "{res:?}");
     // A bad request is refused before the kernel.
-    let res: Result<Vec<_>, _> = pm.scan(ScanRequest::written(r.addr() as u64 + 1, r.addr() as u64 + 4096)).collect();
+    let res: Result<Vec<_>, _> = pm
+        .scan(ScanRequest::written(
+            r.addr() as u64 + 1,
+            r.addr() as u64 + 4096,
+        ))
+        .collect();
     assert!(matches!(res, Err(ScanError::BadRequest { .. })), "{res:?}");
 }
 
@@ -96,20 +137,38 @@ fn check_wpasync_rejects_untracked_memory() {
 fn four_kib_granularity_on_thp_shmem_hugetlb() {
     for kind in [MemoryKind::Thp, MemoryKind::Shmem, MemoryKind::Hugetlb] {
         let pages = if kind == MemoryKind::Hugetlb { 2 } else { 1024 };
-        let Some(r) = region("scan_granularity", kind, pages) else { continue };
+        let Some(r) = region("scan_granularity", kind, pages) else {
+            continue;
+        };
         // Populate first so THP has a PMD to split.
         r.fill(0, r.len(), 3).unwrap();
-        let Some(u) = uffd("scan_granularity", Features::WP_ASYNC) else { return };
+        let Some(u) = uffd("scan_granularity", Features::WP_ASYNC) else {
+            return;
+        };
         r.register(&u, RegisterMode::WP).unwrap();
-        assert_eq!(u.write_protect(r.addr(), r.len(), true, false).unwrap(), Resolved::All);
+        assert_eq!(
+            u.write_protect(r.addr(), r.len(), true, false).unwrap(),
+            Resolved::All
+        );
         let mut pm = Pagemap::open_self().unwrap();
         let (s, e) = (r.addr() as u64, (r.addr() + r.len()) as u64);
-        assert!(collect(&mut pm, ScanRequest::written(s, e)).is_empty(), "{kind}: clean after protect");
+        assert!(
+            collect(&mut pm, ScanRequest::written(s, e)).is_empty(),
+            "{kind}: clean after protect"
+        );
         r.write_u64(513 * 4096 % r.len() + 8, 9).unwrap();
         let got = collect(&mut pm, ScanRequest::harvest_written(s, e));
         let unit = r.page_size() as u64;
         let at = s + (513 * 4096 % r.len()) as u64 / unit * unit;
-        assert_eq!(got, vec![PageRegion { start: at, end: at + unit, categories: Categories::WRITTEN }], "{kind}");
+        assert_eq!(
+            got,
+            vec![PageRegion {
+                start: at,
+                end: at + unit,
+                categories: Categories::WRITTEN
+            }],
+            "{kind}"
+        );
     }
 }
 
@@ -118,9 +177,16 @@ fn four_kib_granularity_on_thp_shmem_hugetlb() {
 /// waiting forever (caught by the time limit) (pagemap_ioctl "transact").
 #[test]
 fn transact_no_write_is_lost() {
-    for kind in [MemoryKind::Anon, MemoryKind::Thp, MemoryKind::Shmem, MemoryKind::Hugetlb] {
+    for kind in [
+        MemoryKind::Anon,
+        MemoryKind::Thp,
+        MemoryKind::Shmem,
+        MemoryKind::Hugetlb,
+    ] {
         let pages = if kind == MemoryKind::Hugetlb { 4 } else { 256 };
-        let Some((u, r)) = tracked("transact", kind, pages) else { continue };
+        let Some((u, r)) = tracked("transact", kind, pages) else {
+            continue;
+        };
         let ps = r.page_size();
         let r = Arc::new(r);
         let seen: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
@@ -165,7 +231,9 @@ fn transact_no_write_is_lost() {
                 })
             })
             .collect();
-        let writes: u64 = within(60, "transact writers", move || writers.into_iter().map(|h| h.join().unwrap()).sum());
+        let writes: u64 = within(60, "transact writers", move || {
+            writers.into_iter().map(|h| h.join().unwrap()).sum()
+        });
         done.store(true, Ordering::SeqCst);
         let harvests = scanner.join().unwrap();
         assert!(writes > 0 && harvests > 0);

@@ -5,11 +5,11 @@
 //! races them copying every page. EEXIST is success followed by a wake. At
 //! the end every page's counters and filler bytes are verified.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use livepage_mem::MemoryKind;
-use livepage_uffd::poll::{poll_readable, EventFd};
+use livepage_uffd::poll::{EventFd, poll_readable};
 use livepage_uffd::{CopyMode, Event, EventBuffer, RegisterMode, Resolved, Uffd};
 
 use crate::common::*;
@@ -32,8 +32,12 @@ fn resolve(u: &Uffd, addr: usize, src: &[u8]) {
 }
 
 fn stress(kind: MemoryKind, pages: usize, iterations: usize) {
-    let Some(r) = region("stress", kind, pages) else { return };
-    let Some(u) = uffd("stress", kind_features(kind)) else { return };
+    let Some(r) = region("stress", kind, pages) else {
+        return;
+    };
+    let Some(u) = uffd("stress", kind_features(kind)) else {
+        return;
+    };
     let ps = r.page_size();
     // Source pages: counters zero, filler bytes a pattern.
     let src: Arc<Vec<Vec<u8>>> = Arc::new(
@@ -55,7 +59,8 @@ fn stress(kind: MemoryKind, pages: usize, iterations: usize) {
             let mut buf = EventBuffer::new(16);
             let mut served = 0u64;
             loop {
-                let ready = poll_readable([std::os::fd::AsFd::as_fd(u.as_ref()), stop.as_fd()], -1).unwrap();
+                let ready = poll_readable([std::os::fd::AsFd::as_fd(u.as_ref()), stop.as_fd()], -1)
+                    .unwrap();
                 if ready[1] {
                     return served;
                 }
@@ -101,8 +106,9 @@ fn stress(kind: MemoryKind, pages: usize, iterations: usize) {
             })
         })
         .collect();
-    let counts: Vec<Vec<u64>> =
-        within(120, "stress workers", move || workers.into_iter().map(|h| h.join().unwrap()).collect());
+    let counts: Vec<Vec<u64>> = within(120, "stress workers", move || {
+        workers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     copier.join().unwrap();
     stop.signal();
     let served: u64 = handlers.into_iter().map(|h| h.join().unwrap()).sum();
@@ -113,9 +119,15 @@ fn stress(kind: MemoryKind, pages: usize, iterations: usize) {
             let got = u64::from_ne_bytes(buf[8 * w..8 * w + 8].try_into().unwrap());
             assert_eq!(got, c[p], "{kind}: page {p} counter of worker {w}");
         }
-        assert_eq!(buf[8 * WORKERS..], src[p][8 * WORKERS..], "{kind}: page {p} filler");
+        assert_eq!(
+            buf[8 * WORKERS..],
+            src[p][8 * WORKERS..],
+            "{kind}: page {p} filler"
+        );
     }
-    eprintln!("stress {kind}: {pages} pages, {served} faults served by handlers, the copier did the rest");
+    eprintln!(
+        "stress {kind}: {pages} pages, {served} faults served by handlers, the copier did the rest"
+    );
 }
 
 #[test]
