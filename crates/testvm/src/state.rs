@@ -342,9 +342,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> VmState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x81000;
-        regs.rcx = 77;
+        let regs = kvm_regs {
+            rip: 0x81000,
+            rcx: 77,
+            ..Default::default()
+        };
         let v = VcpuState {
             id: 0,
             finished: false,

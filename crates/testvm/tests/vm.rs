@@ -1,7 +1,7 @@
 //! The test VM: checksums against the host reference, every region type,
 //! pause/save/resume in this process and in a second one, crashes, 16 GiB,
 //! KVM's dirty log, and guest faults served through userfaultfd.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
 
 use std::sync::Arc;
 
