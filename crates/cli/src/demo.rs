@@ -2,26 +2,30 @@
 
 use std::process::ExitCode;
 
+use crate::bench::demand::{self, DemandArgs, Layout};
 use crate::bench::faults::{self, FaultsArgs, Path, Strategy};
+use crate::vm::{MemoryArg, RunArgs, WorkloadKind};
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
-    if !json {
-        println!("== livepage probe ==");
-    }
+    let section = |title: &str| {
+        if !json {
+            println!("\n== {title} ==");
+        }
+    };
+    section("livepage probe");
     let code = crate::probe::run(json)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    if !json {
-        println!("\n== fault serving: livepage kernel layer vs a raw libc loop ==");
-    }
+
+    section("fault serving: livepage kernel layer vs a raw libc loop");
     let args = FaultsArgs {
         threads: vec![1, 4],
         handlers: vec![1, 2],
         strategies: vec![Strategy::Read, Strategy::SameCpu],
         paths: vec![Path::AnonCopy, Path::ShmemContinue],
         pages: 2048,
-        reps: 1,
+        reps: 4,
         json,
     };
     let rows = faults::run(&args)?;
@@ -29,6 +33,41 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", faults::render(&rows));
+    }
+
+    if let Err(e) = livepage_testvm::check_host() {
+        if !json {
+            println!("\n(skipping the test VM: {e})");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    section("test VM: 2 vCPUs, 256 MiB of shmem, seeded read-modify-writes");
+    let code = crate::vm::run(&RunArgs {
+        mem: 256 << 20,
+        vcpus: 2,
+        workload: WorkloadKind::Dirty,
+        seed: 7,
+        iterations: 100_000,
+        memory: MemoryArg::Shmem,
+        json,
+    })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+
+    section("KVM demand paging through userfaultfd (guest faults served by livepage)");
+    let rows = demand::run(&DemandArgs {
+        vcpus: vec![1, 2],
+        mem_per_vcpu: 16 << 20,
+        handlers: vec![1],
+        paths: vec![Path::AnonCopy, Path::ShmemContinue],
+        layouts: vec![Layout::Shared, Layout::PerVcpu],
+        json,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", demand::render(&rows));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod probe;
 mod table;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Benchmarks, each beside a peer measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The test VM.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// The main scenario on embedded defaults: probe, then a short fault benchmark.
     Demo {
         /// JSON instead of tables.
@@ -43,6 +47,15 @@ enum Command {
 enum BenchCommand {
     /// Demand-paging rate of the kernel layer against a raw-libc handler loop.
     Faults(bench::faults::FaultsArgs),
+    /// KVM demand paging with the test VM: pages/s against vCPUs, userfaultfd
+    /// layout and handler threads, beside the same guest without userfaultfd.
+    DemandPaging(bench::demand::DemandArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Run the test VM to completion and check its memory against the host reference.
+    Run(vm::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +73,18 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
+        Command::Bench(BenchCommand::DemandPaging(args)) => bench::demand::run(&args).map(|rows| {
+            if args.json {
+                match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            } else {
+                print!("{}", bench::demand::render(&rows));
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Vm(VmCommand::Run(args)) => vm::run(&args),
         Command::Demo { json } => demo::run(json),
     };
     match result {

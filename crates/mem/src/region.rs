@@ -112,7 +112,7 @@ pub enum RegionError {
         errno: Errno,
     },
     /// Not enough huge pages could be reserved.
-    #[error("cannot reserve {pages} huge pages of 2 MiB for a hugetlb region: {source}")]
+    #[error("cannot reserve {pages} huge pages of 2 MiB for a hugetlb region")]
     HugePages {
         /// Pages needed.
         pages: u64,
@@ -142,7 +142,7 @@ pub enum RegionError {
         errno: Errno,
     },
     /// Registration with a userfaultfd failed.
-    #[error("registering the {kind} region with userfaultfd failed: {source}")]
+    #[error("userfaultfd (un)registration of the {kind} region failed")]
     Register {
         /// Memory type.
         kind: MemoryKind,
@@ -161,6 +161,9 @@ pub struct Region {
     map: Mapping,
     alias: Option<Mapping>,
     file: Option<File>,
+    // Declared last: fields drop in order, so the pages go back to the hugetlb
+    // pool only after the mappings and the memfd released them.
+    _pool: hugetlb::PoolGrowth,
 }
 
 impl Region {
@@ -195,6 +198,7 @@ impl Region {
                     map,
                     alias: None,
                     file: None,
+                    _pool: Default::default(),
                 })
             }
             MemoryKind::Thp => {
@@ -214,13 +218,15 @@ impl Region {
                     map,
                     alias: None,
                     file: None,
+                    _pool: Default::default(),
                 })
             }
             MemoryKind::Shmem | MemoryKind::Hugetlb => {
                 let huge = (kind == MemoryKind::Hugetlb).then_some(HugePageSize::Size2M);
+                let mut pool = hugetlb::PoolGrowth::default();
                 if huge.is_some() {
                     let pages = (len / page) as u64;
-                    hugetlb::ensure_free(pages)
+                    pool = hugetlb::ensure_free(pages)
                         .map_err(|source| RegionError::HugePages { pages, source })?;
                 }
                 let file = mm::memfd_create(&format!("livepage-{kind}"), huge)
@@ -235,7 +241,7 @@ impl Region {
                         Err(Errno::NOMEM) if huge.is_some() && tries < 3 => {
                             tries += 1;
                             let pages = (len / page) as u64;
-                            hugetlb::grow(pages)
+                            pool.grow(pages)
                                 .map_err(|source| RegionError::HugePages { pages, source })?;
                         }
                         other => break other.map_err(|e| err("mmap", e))?,
@@ -248,6 +254,7 @@ impl Region {
                     map,
                     alias: Some(alias),
                     file: Some(file),
+                    _pool: pool,
                 })
             }
         }
@@ -430,6 +437,40 @@ impl Region {
                 source,
             }
         })
+    }
+
+    /// Registers `[offset, offset+len)` of the region with `uffd` in `mode`
+    /// (for example one userfaultfd per vCPU slice of guest RAM).
+    pub fn register_range(
+        &self,
+        uffd: &Uffd,
+        offset: usize,
+        len: usize,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, RegionError> {
+        self.check(offset, len)?;
+        // SAFETY: as in `register`; the range lies inside the region (checked).
+        unsafe { uffd.register(self.addr() + offset, len, mode) }.map_err(|source| {
+            RegionError::Register {
+                kind: self.kind,
+                source,
+            }
+        })
+    }
+
+    /// Unregisters `[offset, offset+len)` from `uffd`.
+    pub fn unregister_range(
+        &self,
+        uffd: &Uffd,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), RegionError> {
+        self.check(offset, len)?;
+        uffd.unregister(self.addr() + offset, len)
+            .map_err(|source| RegionError::Register {
+                kind: self.kind,
+                source,
+            })
     }
 
     /// Unregisters the whole region from `uffd`.

@@ -5,7 +5,7 @@
 //! devices): it talks to the host only through port I/O for progress and
 //! completion. Guest programs are generated with iced-x86 ([`guest`]); the
 //! final state of the data area is a pure function of (workload, seed,
-//! iterations, vCPU count), computed on the host by [`reference`].
+//! iterations, vCPU count), computed on the host by [`mod@reference`].
 //!
 //! Guest RAM is any livepage [`Region`] (anon, THP, memfd/shmem, hugetlbfs);
 //! the caller may register it with a userfaultfd before the vCPUs run, which
@@ -69,7 +69,7 @@ pub enum VmError {
     #[error("invalid VM spec: {0}")]
     Spec(String),
     /// A KVM ioctl failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         /// The operation.
         what: &'static str,

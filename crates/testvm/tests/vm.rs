@@ -359,7 +359,9 @@ fn guest_faults_served_by_userfaultfd() {
     run_to_end(&mut vm);
     stop.signal();
     let served = handler.join().unwrap();
-    region.unregister(&uffd).unwrap();
+    region
+        .unregister_range(&uffd, data, spec.ram as usize - data)
+        .unwrap();
     let (_, pages) = livepage_testvm::layout::slice(spec.ram, 2, 0);
     assert_eq!(served, 2 * pages, "one userfault per touched guest page");
     assert_eq!(

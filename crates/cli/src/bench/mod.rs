@@ -1,5 +1,6 @@
 //! `livepage bench ...`: benchmarks that measure livepage beside a peer in the same run.
 
+pub mod demand;
 pub mod faults;
 
 /// The value at quantile `q` of sorted samples (0 when empty).
