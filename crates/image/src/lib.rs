@@ -142,7 +142,9 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// The destination exists; images are never overwritten.
-    #[error("{0} already exists; livepage never writes over an existing image (choose another name or remove it)")]
+    #[error(
+        "{0} already exists; livepage never writes over an existing image (choose another name or remove it)"
+    )]
     Exists(PathBuf),
     /// Not a livepage image.
     #[error("{0} is not a livepage image (bad magic)")]
@@ -178,7 +180,9 @@ pub enum ImageError {
         detail: String,
     },
     /// A page failed its checksum.
-    #[error("{path}: page {page} of region {region} (address {addr:#x}) at file offset {offset:#x} is corrupt (crc32c {found:#010x}, index says {want:#010x})")]
+    #[error(
+        "{path}: page {page} of region {region} (address {addr:#x}) at file offset {offset:#x} is corrupt (crc32c {found:#010x}, index says {want:#010x})"
+    )]
     PageCorrupt {
         /// The file.
         path: PathBuf,
@@ -201,7 +205,11 @@ pub enum ImageError {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io { what, path: path.to_path_buf(), source }
+    move |source| ImageError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The layout both the writer and the reader compute from the region table.
@@ -217,21 +225,39 @@ struct Layout {
 impl Layout {
     fn new(regions: &[RegionDesc]) -> Result<Layout, ImageError> {
         if regions.is_empty() || regions.len() > MAX_REGIONS {
-            return Err(ImageError::Invalid(format!("an image holds 1 to {MAX_REGIONS} regions, not {}", regions.len())));
+            return Err(ImageError::Invalid(format!(
+                "an image holds 1 to {MAX_REGIONS} regions, not {}",
+                regions.len()
+            )));
         }
         let mut off = HEADER_SIZE;
         let (mut data_offsets, mut first_page, mut pages) = (Vec::new(), Vec::new(), 0u64);
         for (i, r) in regions.iter().enumerate() {
-            if !r.page_size.is_power_of_two() || r.page_size < 4096 || r.len == 0 || r.len % r.page_size != 0 {
-                return Err(ImageError::Invalid(format!("region {i}: length {:#x} and page size {:#x} do not fit", r.len, r.page_size)));
+            if !r.page_size.is_power_of_two()
+                || r.page_size < 4096
+                || r.len == 0
+                || r.len % r.page_size != 0
+            {
+                return Err(ImageError::Invalid(format!(
+                    "region {i}: length {:#x} and page size {:#x} do not fit",
+                    r.len, r.page_size
+                )));
             }
             off = off.next_multiple_of(r.page_size);
             data_offsets.push(off);
             first_page.push(pages);
-            off = off.checked_add(r.len).ok_or_else(|| ImageError::Invalid("regions too large".into()))?;
+            off = off
+                .checked_add(r.len)
+                .ok_or_else(|| ImageError::Invalid("regions too large".into()))?;
             pages += r.pages();
         }
-        Ok(Layout { regions: regions.to_vec(), data_offsets, first_page, pages, data_end: off })
+        Ok(Layout {
+            regions: regions.to_vec(),
+            data_offsets,
+            first_page,
+            pages,
+            data_end: off,
+        })
     }
 
     /// (region, page in region) of a global page number.
@@ -284,13 +310,17 @@ pub struct ImageWriter {
     index: Vec<AtomicU64>,
     vm_state: std::sync::Mutex<Vec<u8>>,
     bytes: AtomicU64,
-    finished: bool,
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl ImageWriter {
     /// Starts an image of `regions` at `path` (which must not exist). With a
     /// parent every page starts as [`PageState::Parent`], otherwise as zero.
-    pub fn create(path: &Path, regions: &[RegionDesc], parent: Option<ImageId>) -> Result<ImageWriter, ImageError> {
+    pub fn create(
+        path: &Path,
+        regions: &[RegionDesc],
+        parent: Option<ImageId>,
+    ) -> Result<ImageWriter, ImageError> {
         let layout = Layout::new(regions)?;
         if path.exists() {
             return Err(ImageError::Exists(path.to_path_buf()));
@@ -299,11 +329,28 @@ impl ImageWriter {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = path.file_name().ok_or_else(|| ImageError::Invalid(format!("{} is not a file path", path.display())))?;
-        let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(io("creating", &tmp))?;
-        let initial = if parent.is_some() { PageState::Parent } else { PageState::Zero };
-        let index = (0..layout.pages).map(|_| AtomicU64::new(u64::from(initial.code()) << 32)).collect();
+        let name = path
+            .file_name()
+            .ok_or_else(|| ImageError::Invalid(format!("{} is not a file path", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        let initial = if parent.is_some() {
+            PageState::Parent
+        } else {
+            PageState::Zero
+        };
+        let index = (0..layout.pages)
+            .map(|_| AtomicU64::new(u64::from(initial.code()) << 32))
+            .collect();
         let w = ImageWriter {
             path: path.to_path_buf(),
             tmp,
@@ -313,9 +360,11 @@ impl ImageWriter {
             index,
             vm_state: std::sync::Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
-            finished: false,
+            finished: std::sync::atomic::AtomicBool::new(false),
         };
-        w.file.set_len(w.layout.data_end).map_err(io("sizing", &w.tmp))?;
+        w.file
+            .set_len(w.layout.data_end)
+            .map_err(io("sizing", &w.tmp))?;
         Ok(w)
     }
 
@@ -331,13 +380,25 @@ impl ImageWriter {
 
     /// Stores the page `global` (its bytes, of the region's page size).
     pub fn write_page(&self, global: u64, data: &[u8]) -> Result<(), ImageError> {
-        let (r, p) = self.layout.locate(global).ok_or_else(|| ImageError::Invalid(format!("page {global} out of range")))?;
+        let (r, p) = self
+            .layout
+            .locate(global)
+            .ok_or_else(|| ImageError::Invalid(format!("page {global} out of range")))?;
         if data.len() as u64 != self.layout.regions[r].page_size {
-            return Err(ImageError::Invalid(format!("page of {} bytes for a region of {}-byte pages", data.len(), self.layout.regions[r].page_size)));
+            return Err(ImageError::Invalid(format!(
+                "page of {} bytes for a region of {}-byte pages",
+                data.len(),
+                self.layout.regions[r].page_size
+            )));
         }
-        self.file.write_all_at(data, self.layout.offset(r, p)).map_err(io("writing", &self.tmp))?;
+        self.file
+            .write_all_at(data, self.layout.offset(r, p))
+            .map_err(io("writing", &self.tmp))?;
         let crc = crc32c::crc32c(data);
-        self.index[global as usize].store((u64::from(PageState::Data.code()) << 32) | u64::from(crc), Ordering::Release);
+        self.index[global as usize].store(
+            (u64::from(PageState::Data.code()) << 32) | u64::from(crc),
+            Ordering::Release,
+        );
         self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -362,8 +423,11 @@ impl ImageWriter {
     }
 
     /// Writes the index, VM state and header, syncs, and renames the file into
-    /// place. Returns the new image's id.
-    pub fn finish(mut self) -> Result<ImageId, ImageError> {
+    /// place. Returns the new image's id. Call once, after every page is stored.
+    pub fn finish(&self) -> Result<ImageId, ImageError> {
+        if self.finished.load(Ordering::SeqCst) {
+            return Err(ImageError::Invalid("the image is already finished".into()));
+        }
         let mut index = Vec::with_capacity(self.index.len() * INDEX_ENTRY as usize);
         for e in &self.index {
             let v = e.load(Ordering::Acquire);
@@ -379,14 +443,20 @@ impl ImageWriter {
         let index_offset = self.layout.data_end;
         let index_len = index.len() as u64 + 4;
         let vm_offset = index_offset + index_len;
-        let vm_len = if vm_state.is_empty() { 0 } else { vm_state.len() as u64 + 4 };
+        let vm_len = if vm_state.is_empty() {
+            0
+        } else {
+            vm_state.len() as u64 + 4
+        };
         let mut tail = index;
         tail.extend_from_slice(&index_crc.to_le_bytes());
         if vm_len > 0 {
             tail.extend_from_slice(&vm_state);
             tail.extend_from_slice(&crc32c::crc32c(&vm_state).to_le_bytes());
         }
-        self.file.write_all_at(&tail, index_offset).map_err(io("writing the index of", &self.tmp))?;
+        self.file
+            .write_all_at(&tail, index_offset)
+            .map_err(io("writing the index of", &self.tmp))?;
 
         let mut h = vec![0u8; HEADER_SIZE as usize];
         h[0..8].copy_from_slice(MAGIC);
@@ -395,7 +465,9 @@ impl ImageWriter {
         h[16..20].copy_from_slice(&(self.layout.regions.len() as u32).to_le_bytes());
         h[24..40].copy_from_slice(&id.0);
         h[40..56].copy_from_slice(&parent.0);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         h[56..64].copy_from_slice(&now.to_le_bytes());
         for (at, v) in [
             (64, index_offset),
@@ -411,13 +483,15 @@ impl ImageWriter {
         h[REGION_TABLE_AT..REGION_TABLE_AT + table.len()].copy_from_slice(&table);
         let crc = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
         h[HEADER_SIZE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&h, 0).map_err(io("writing the header of", &self.tmp))?;
+        self.file
+            .write_all_at(&h, 0)
+            .map_err(io("writing the header of", &self.tmp))?;
         self.file.sync_all().map_err(io("syncing", &self.tmp))?;
         if self.path.exists() {
             return Err(ImageError::Exists(self.path.clone()));
         }
         std::fs::rename(&self.tmp, &self.path).map_err(io("renaming into place", &self.path))?;
-        self.finished = true;
+        self.finished.store(true, Ordering::SeqCst);
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
@@ -429,7 +503,7 @@ impl ImageWriter {
 
 impl Drop for ImageWriter {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished.load(Ordering::SeqCst) {
             // An abandoned image leaves nothing behind.
             let _ = std::fs::remove_file(&self.tmp);
         }
@@ -464,28 +538,52 @@ impl Image {
     /// Opens and validates an image.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
         let file = File::open(path).map_err(io("opening", path))?;
-        let file_len = file.metadata().map_err(io("reading metadata of", path))?.len();
-        let corrupt = |what: &'static str, detail: String| ImageError::Corrupt { path: path.to_path_buf(), what, detail };
+        let file_len = file
+            .metadata()
+            .map_err(io("reading metadata of", path))?
+            .len();
+        let corrupt = |what: &'static str, detail: String| ImageError::Corrupt {
+            path: path.to_path_buf(),
+            what,
+            detail,
+        };
         let mut h = vec![0u8; HEADER_SIZE as usize];
         if file_len < 8 {
-            return Err(ImageError::Truncated { path: path.to_path_buf(), what: "header", need: HEADER_SIZE, have: file_len });
+            return Err(ImageError::Truncated {
+                path: path.to_path_buf(),
+                what: "header",
+                need: HEADER_SIZE,
+                have: file_len,
+            });
         }
         let n = (file_len.min(HEADER_SIZE)) as usize;
-        file.read_exact_at(&mut h[..n], 0).map_err(io("reading the header of", path))?;
+        file.read_exact_at(&mut h[..n], 0)
+            .map_err(io("reading the header of", path))?;
         if &h[..8] != MAGIC {
             return Err(ImageError::NotAnImage(path.to_path_buf()));
         }
         if file_len < HEADER_SIZE {
-            return Err(ImageError::Truncated { path: path.to_path_buf(), what: "header", need: HEADER_SIZE, have: file_len });
+            return Err(ImageError::Truncated {
+                path: path.to_path_buf(),
+                what: "header",
+                need: HEADER_SIZE,
+                have: file_len,
+            });
         }
         let version = le_u32(&h, 8);
         if version != VERSION {
-            return Err(ImageError::Version { path: path.to_path_buf(), found: version });
+            return Err(ImageError::Version {
+                path: path.to_path_buf(),
+                found: version,
+            });
         }
         let stored = le_u32(&h, HEADER_SIZE as usize - 4);
         let computed = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
         if stored != computed {
-            return Err(corrupt("header", format!("crc32c {computed:#010x}, stored {stored:#010x}")));
+            return Err(corrupt(
+                "header",
+                format!("crc32c {computed:#010x}, stored {stored:#010x}"),
+            ));
         }
         let count = le_u32(&h, 16) as usize;
         if count == 0 || count > MAX_REGIONS {
@@ -494,37 +592,77 @@ impl Image {
         let mut regions = Vec::new();
         for i in 0..count {
             let at = REGION_TABLE_AT + i * REGION_ENTRY;
-            regions.push(RegionDesc { base: le_u64(&h, at), len: le_u64(&h, at + 8), page_size: le_u64(&h, at + 16), kind: le_u32(&h, at + 24) });
+            regions.push(RegionDesc {
+                base: le_u64(&h, at),
+                len: le_u64(&h, at + 8),
+                page_size: le_u64(&h, at + 16),
+                kind: le_u32(&h, at + 24),
+            });
         }
         let layout = Layout::new(&regions).map_err(|e| corrupt("region table", e.to_string()))?;
         if layout.table_bytes() != h[REGION_TABLE_AT..REGION_TABLE_AT + count * REGION_ENTRY] {
-            return Err(corrupt("region table", "data offsets do not follow the documented layout".into()));
+            return Err(corrupt(
+                "region table",
+                "data offsets do not follow the documented layout".into(),
+            ));
         }
-        let (index_offset, index_len, vm_offset, vm_len) = (le_u64(&h, 64), le_u64(&h, 72), le_u64(&h, 80), le_u64(&h, 88));
-        if le_u64(&h, 112) != layout.pages || index_len != layout.pages * INDEX_ENTRY + 4 || index_offset != layout.data_end {
-            return Err(corrupt("header", "index position or size does not match the region table".into()));
+        let (index_offset, index_len, vm_offset, vm_len) = (
+            le_u64(&h, 64),
+            le_u64(&h, 72),
+            le_u64(&h, 80),
+            le_u64(&h, 88),
+        );
+        if le_u64(&h, 112) != layout.pages
+            || index_len != layout.pages * INDEX_ENTRY + 4
+            || index_offset != layout.data_end
+        {
+            return Err(corrupt(
+                "header",
+                "index position or size does not match the region table".into(),
+            ));
         }
-        let index_end = index_offset.checked_add(index_len).ok_or_else(|| corrupt("header", "index size overflows".into()))?;
+        let index_end = index_offset
+            .checked_add(index_len)
+            .ok_or_else(|| corrupt("header", "index size overflows".into()))?;
         if vm_offset != index_end {
-            return Err(corrupt("header", "VM state does not follow the index".into()));
+            return Err(corrupt(
+                "header",
+                "VM state does not follow the index".into(),
+            ));
         }
-        let end = vm_offset.checked_add(vm_len).ok_or_else(|| corrupt("header", "VM state size overflows".into()))?;
+        let end = vm_offset
+            .checked_add(vm_len)
+            .ok_or_else(|| corrupt("header", "VM state size overflows".into()))?;
         if file_len < end {
-            return Err(ImageError::Truncated { path: path.to_path_buf(), what: "index and VM state", need: end, have: file_len });
+            return Err(ImageError::Truncated {
+                path: path.to_path_buf(),
+                what: "index and VM state",
+                need: end,
+                have: file_len,
+            });
         }
         let mut idx = vec![0u8; index_len as usize];
-        file.read_exact_at(&mut idx, index_offset).map_err(io("reading the index of", path))?;
+        file.read_exact_at(&mut idx, index_offset)
+            .map_err(io("reading the index of", path))?;
         let (body, crc) = idx.split_at(idx.len() - 4);
         let (stored, computed) = (le_u32(crc, 0), crc32c::crc32c(body));
         if stored != computed {
-            return Err(corrupt("index", format!("crc32c {computed:#010x}, stored {stored:#010x}")));
+            return Err(corrupt(
+                "index",
+                format!("crc32c {computed:#010x}, stored {stored:#010x}"),
+            ));
         }
         let mut index = Vec::with_capacity(layout.pages as usize);
         for (i, e) in body.chunks_exact(INDEX_ENTRY as usize).enumerate() {
-            let state = PageState::from_code(le_u32(e, 0)).ok_or_else(|| corrupt("index", format!("page {i} has state {}", le_u32(e, 0))))?;
+            let state = PageState::from_code(le_u32(e, 0))
+                .ok_or_else(|| corrupt("index", format!("page {i} has state {}", le_u32(e, 0))))?;
             index.push((state, le_u32(e, 4)));
         }
-        let parent_id = ImageId(h[40..56].try_into().map_err(|_| corrupt("header", "parent".into()))?);
+        let parent_id = ImageId(
+            h[40..56]
+                .try_into()
+                .map_err(|_| corrupt("header", "parent".into()))?,
+        );
         let is_delta = le_u32(&h, 12) == 1;
         if !is_delta && index.iter().any(|(s, _)| *s == PageState::Parent) {
             return Err(corrupt("index", "a full image refers to a parent".into()));
@@ -534,7 +672,8 @@ impl Image {
                 return Err(corrupt("VM state", "section too short".into()));
             }
             let mut v = vec![0u8; vm_len as usize];
-            file.read_exact_at(&mut v, vm_offset).map_err(io("reading the VM state of", path))?;
+            file.read_exact_at(&mut v, vm_offset)
+                .map_err(io("reading the VM state of", path))?;
             let (body, crc) = v.split_at(v.len() - 4);
             if le_u32(crc, 0) != crc32c::crc32c(body) {
                 return Err(corrupt("VM state", "crc32c mismatch".into()));
@@ -543,11 +682,18 @@ impl Image {
         } else {
             None
         };
-        let id = ImageId(h[24..40].try_into().map_err(|_| corrupt("header", "id".into()))?);
+        let id = ImageId(
+            h[24..40]
+                .try_into()
+                .map_err(|_| corrupt("header", "id".into()))?,
+        );
         let table = layout.table_bytes();
         let computed = image_id(&table, body, vm_state.as_deref().unwrap_or(&[]), &parent_id);
         if computed != id {
-            return Err(corrupt("header", format!("image id {id} does not match the contents ({computed})")));
+            return Err(corrupt(
+                "header",
+                format!("image id {id} does not match the contents ({computed})"),
+            ));
         }
         Ok(Image {
             path: path.to_path_buf(),
@@ -622,10 +768,22 @@ impl Image {
     /// Reads page `page` of region `region` into `buf` (its page size) and
     /// checks its crc. Returns the page's state; for `Parent` the buffer is
     /// left untouched (the caller reads the parent).
-    pub fn read_page(&self, region: usize, page: u64, buf: &mut [u8]) -> Result<PageState, ImageError> {
-        let r = self.layout.regions.get(region).ok_or_else(|| ImageError::Invalid(format!("no region {region}")))?;
+    pub fn read_page(
+        &self,
+        region: usize,
+        page: u64,
+        buf: &mut [u8],
+    ) -> Result<PageState, ImageError> {
+        let r = self
+            .layout
+            .regions
+            .get(region)
+            .ok_or_else(|| ImageError::Invalid(format!("no region {region}")))?;
         if page >= r.pages() || buf.len() as u64 != r.page_size {
-            return Err(ImageError::Invalid(format!("page {page} / buffer of {} bytes does not fit region {region}", buf.len())));
+            return Err(ImageError::Invalid(format!(
+                "page {page} / buffer of {} bytes does not fit region {region}",
+                buf.len()
+            )));
         }
         let (state, want) = self.index[(self.layout.first_page[region] + page) as usize];
         match state {
@@ -635,9 +793,18 @@ impl Image {
                 let offset = self.layout.offset(region, page);
                 self.file.read_exact_at(buf, offset).map_err(|source| {
                     if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                        ImageError::Truncated { path: self.path.clone(), what: "page data", need: offset + r.page_size, have: self.file_len }
+                        ImageError::Truncated {
+                            path: self.path.clone(),
+                            what: "page data",
+                            need: offset + r.page_size,
+                            have: self.file_len,
+                        }
                     } else {
-                        ImageError::Io { what: "reading a page of", path: self.path.clone(), source }
+                        ImageError::Io {
+                            what: "reading a page of",
+                            path: self.path.clone(),
+                            source,
+                        }
                     }
                 })?;
                 let found = crc32c::crc32c(buf);
@@ -679,8 +846,18 @@ mod tests {
 
     fn regions() -> Vec<RegionDesc> {
         vec![
-            RegionDesc { base: 0x7000_0000, len: 16 * 4096, page_size: 4096, kind: kind::ANON },
-            RegionDesc { base: 0x9000_0000, len: 4 << 20, page_size: 2 << 20, kind: kind::HUGETLB },
+            RegionDesc {
+                base: 0x7000_0000,
+                len: 16 * 4096,
+                page_size: 4096,
+                kind: kind::ANON,
+            },
+            RegionDesc {
+                base: 0x9000_0000,
+                len: 4 << 20,
+                page_size: 2 << 20,
+                kind: kind::HUGETLB,
+            },
         ]
     }
 
@@ -714,7 +891,10 @@ mod tests {
         assert_eq!(img.page_offset(1, 0) % (2 << 20), 0);
         assert_eq!(img.verify().unwrap(), 4);
         // Never overwritten.
-        assert!(matches!(ImageWriter::create(&path, &regions(), None), Err(ImageError::Exists(_))));
+        assert!(matches!(
+            ImageWriter::create(&path, &regions(), None),
+            Err(ImageError::Exists(_))
+        ));
     }
 
     #[test]
@@ -728,16 +908,27 @@ mod tests {
         f.write_all_at(&[0xee], off).unwrap();
         let img = Image::open(&path).unwrap();
         match img.verify() {
-            Err(ImageError::PageCorrupt { region: 0, page: 3, offset, .. }) => assert_eq!(offset, off - 100),
+            Err(ImageError::PageCorrupt {
+                region: 0,
+                page: 3,
+                offset,
+                ..
+            }) => assert_eq!(offset, off - 100),
             other => panic!("{other:?}"),
         }
         // Truncation and a flipped header byte are refused on open.
         let len = std::fs::metadata(&path).unwrap().len();
         f.set_len(len - 10).unwrap();
-        assert!(matches!(Image::open(&path), Err(ImageError::Truncated { .. })));
+        assert!(matches!(
+            Image::open(&path),
+            Err(ImageError::Truncated { .. })
+        ));
         f.set_len(len).unwrap();
         f.write_all_at(&[0xff], 20).unwrap();
-        assert!(matches!(Image::open(&path), Err(ImageError::Corrupt { what: "header", .. })));
+        assert!(matches!(
+            Image::open(&path),
+            Err(ImageError::Corrupt { what: "header", .. })
+        ));
         f.write_all_at(b"NOTANIMG", 0).unwrap();
         assert!(matches!(Image::open(&path), Err(ImageError::NotAnImage(_))));
     }

@@ -149,6 +149,16 @@ pub enum RegionError {
         /// Cause.
         source: RangeError,
     },
+    /// The memory could not be read (it was unmapped).
+    #[error("reading {offset:#x}+{len:#x} of the region failed ({errno}): was it unmapped?")]
+    Unmapped {
+        /// Offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// The errno (EFAULT).
+        errno: Errno,
+    },
     /// The region has no memfd or alias (anon/THP).
     #[error("a {0} region has no page cache alias")]
     NoAlias(MemoryKind),
@@ -346,6 +356,17 @@ impl Region {
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RegionError> {
         self.read_impl(offset, buf, false)
     }
+    /// Like [`Region::read`], but through the kernel: if the memory was unmapped
+    /// behind the region's back the result is an error, never a crash.
+    pub fn read_checked(&self, offset: usize, buf: &mut [u8]) -> Result<(), RegionError> {
+        self.check(offset, buf.len())?;
+        mm::read_own_memory(self.addr() + offset, buf).map_err(|errno| RegionError::Unmapped {
+            offset,
+            len: buf.len(),
+            errno,
+        })
+    }
+
     /// Copies `data` into the region at `offset` (may fault).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RegionError> {
         self.write_impl(offset, data, false)
@@ -400,6 +421,18 @@ impl Region {
         // SAFETY: in bounds (checked); the mapping is writable and never referenced.
         unsafe { std::ptr::write_bytes(self.map.as_ptr().add(offset), byte, len) };
         Ok(())
+    }
+
+    /// Whether `[offset, offset+len)` is certainly all holes in the backing
+    /// memfd (shmem/hugetlb: never written, reads as zeros without allocating).
+    /// Always false for anonymous memory.
+    pub fn is_hole(&self, offset: usize, len: usize) -> bool {
+        let Some(f) = &self.file else { return false };
+        match mm::seek_data(f, offset as u64) {
+            Ok(None) => true,
+            Ok(Some(next)) => next >= (offset + len) as u64,
+            Err(_) => false,
+        }
     }
 
     /// madvise on part of the main mapping.

@@ -405,3 +405,48 @@ pub fn pagemap_entry(addr: usize) -> Result<u64, Errno> {
         .map_err(Errno::from)?;
     Ok(u64::from_ne_bytes(b))
 }
+
+/// lseek(SEEK_DATA): the first offset at or after `offset` that holds data, or
+/// None when only a hole follows (ENXIO).
+pub fn seek_data(file: &File, offset: u64) -> Result<Option<u64>, Errno> {
+    let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
+    // SAFETY: lseek takes an fd we borrow for the call and integers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = Errno::last();
+        return if e.0 == libc::ENXIO { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Copies `buf.len()` bytes at `addr` of this process into `buf` through the
+/// kernel (process_vm_readv on ourselves). Unlike a plain load it cannot
+/// crash: memory unmapped meanwhile fails with EFAULT instead of SIGSEGV.
+pub fn read_own_memory(addr: usize, buf: &mut [u8]) -> Result<(), Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: `local` describes the live, writable rest of `buf`; `remote` is only
+        // read by the kernel, which validates it and fails with EFAULT if unmapped.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let e = Errno::last();
+            if e == Errno::INTR {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(Errno::FAULT);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
