@@ -49,6 +49,10 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         seed: 7,
         iterations: 100_000,
         memory: MemoryArg::Shmem,
+        snapshot_at: None,
+        snapshot_out: None,
+        buffer: 64 << 20,
+        snapshot_handlers: 1,
         json,
     })?;
     if code != ExitCode::SUCCESS {

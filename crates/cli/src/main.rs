@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod image_cmd;
 mod probe;
 mod table;
 mod vm;
@@ -35,6 +36,22 @@ enum Command {
     /// The test VM.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Describe an image: regions, page counts, parent, VM state.
+    Inspect {
+        /// The image.
+        image: std::path::PathBuf,
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum of an image; on corruption name the page and file offset.
+    Verify {
+        /// The image.
+        image: std::path::PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The main scenario on embedded defaults: probe, then a short fault benchmark.
     Demo {
         /// JSON instead of tables.
@@ -54,8 +71,12 @@ enum BenchCommand {
 
 #[derive(Debug, Subcommand)]
 enum VmCommand {
-    /// Run the test VM to completion and check its memory against the host reference.
+    /// Run the test VM to completion and check its memory against the host
+    /// reference; optionally take a live snapshot on the way.
     Run(vm::RunArgs),
+    /// Continue the test VM from a snapshot image (loaded eagerly) and check
+    /// that it ends with the same memory as an uninterrupted run.
+    Resume(vm::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +106,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Vm(VmCommand::Run(args)) => vm::run(&args),
+        Command::Vm(VmCommand::Resume(args)) => vm::resume(&args),
+        Command::Inspect { image, json } => image_cmd::inspect(&image, json),
+        Command::Verify { image, json } => image_cmd::verify(&image, json),
         Command::Demo { json } => demo::run(json),
     };
     match result {

@@ -68,6 +68,30 @@ pub struct RunArgs {
     /// Guest memory type.
     #[arg(long, value_enum, default_value_t = MemoryArg::Anon)]
     pub memory: MemoryArg,
+    /// Take a live snapshot when every vCPU has done this many steps.
+    #[arg(long, requires = "snapshot_out")]
+    pub snapshot_at: Option<u64>,
+    /// Where to write the snapshot image (must not exist).
+    #[arg(long, requires = "snapshot_at")]
+    pub snapshot_out: Option<std::path::PathBuf>,
+    /// Copy-on-write buffer of the live snapshot (0: writers wait for the disk).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub buffer: u64,
+    /// Threads serving write-protect faults during the snapshot.
+    #[arg(long, default_value_t = 1)]
+    pub snapshot_handlers: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The image (with VM state) to continue from.
+    pub image: std::path::PathBuf,
+    /// Guest memory type (default: the one the image records).
+    #[arg(long, value_enum)]
+    pub memory: Option<MemoryArg>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -148,6 +172,17 @@ pub struct RunReport {
     pub checksum: String,
     pub expected_checksum: String,
     pub matches_reference: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    pub image: String,
+    pub at_steps: Vec<u64>,
+    /// vCPUs paused: saving their state and arming write-protection.
+    pub vcpu_pause_ms: f64,
+    pub stats: livepage_snapshot::SnapshotStats,
 }
 
 pub fn workload_of(args: &RunArgs) -> Workload {
@@ -176,24 +211,50 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         })?);
     prepare_memory(&region, &spec)?;
     let mut vm = TestVm::new(region.clone(), spec, VmOptions::default())?;
-    let control = RunControl::new(spec.vcpus, None);
     let slice_pages = livepage_testvm::layout::slice(spec.ram, spec.vcpus, 0).1;
     let total_steps = spec.workload.steps(slice_pages) * u64::from(spec.vcpus);
     let bar = crate::bench::progress(total_steps, "guest steps");
     let t0 = Instant::now();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let outcome = std::thread::scope(|s| {
-        let monitor = s.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                bar.set_position(control.total());
-                std::thread::sleep(Duration::from_millis(100));
-            }
+    let mut snapshot_report = None;
+    let mut snapshot = None;
+    if let (Some(at), Some(out)) = (args.snapshot_at, &args.snapshot_out) {
+        if out.exists() {
+            bail!(
+                "{} already exists; livepage never writes over an existing image",
+                out.display()
+            );
+        }
+        let control = RunControl::new(spec.vcpus, Some(at));
+        if run_with_bar(&mut vm, &control, &bar)? == RunOutcome::Paused {
+            let paused = Instant::now();
+            let state = vm.save()?;
+            let opts = livepage_snapshot::SnapshotOptions {
+                buffer_bytes: args.buffer as usize,
+                handler_threads: args.snapshot_handlers,
+                vm_state: Some(state.to_bytes()),
+                ..Default::default()
+            };
+            let snap = livepage_snapshot::start(vec![region.clone()], out, opts)
+                .context("starting the live snapshot")?;
+            let pause = paused.elapsed();
+            snapshot = Some((snap, pause, vm.progress()));
+        }
+    }
+    let control = RunControl::new(spec.vcpus, None);
+    let outcome = run_with_bar(&mut vm, &control, &bar)?;
+    if let Some((snap, pause, at_steps)) = snapshot {
+        let stats = snap.wait().context("the live snapshot failed")?;
+        snapshot_report = Some(SnapshotReport {
+            image: args
+                .snapshot_out
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            at_steps,
+            vcpu_pause_ms: pause.as_secs_f64() * 1e3,
+            stats,
         });
-        let r = vm.run(&control);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = monitor.join();
-        r
-    })?;
+    }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
     if outcome != RunOutcome::Finished {
@@ -216,6 +277,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         checksum: format!("{sum:016x}"),
         expected_checksum: format!("{want:016x}"),
         matches_reference: sum == want,
+        snapshot: snapshot_report,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -247,10 +309,200 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 }
             ),
         ]);
+        if let Some(sr) = &report.snapshot {
+            let st = &sr.stats;
+            t.row([
+                "snapshot".to_string(),
+                format!("{} (id {})", sr.image, st.image_id),
+            ]);
+            t.row(["  taken at steps".to_string(), format!("{:?}", sr.at_steps)]);
+            t.row([
+                "  vCPU pause".to_string(),
+                format!(
+                    "{:.2} ms (save state + arm {:.2} ms)",
+                    sr.vcpu_pause_ms,
+                    st.arm.as_secs_f64() * 1e3
+                ),
+            ]);
+            t.row([
+                "  pages".to_string(),
+                format!("{} data, {} zero (holes)", st.data_pages, st.zero_pages),
+            ]);
+            t.row([
+                "  saved by".to_string(),
+                format!(
+                    "writer {}, fault+buffer {}, fault sync {}, fault zero {}",
+                    st.by_writer, st.by_fault_buffered, st.by_fault_sync, st.by_fault_zero
+                ),
+            ]);
+            t.row([
+                "  peak buffer".to_string(),
+                format!(
+                    "{} KiB of {} KiB",
+                    st.peak_buffer_bytes >> 10,
+                    args.buffer >> 10
+                ),
+            ]);
+            t.row([
+                "  duration".to_string(),
+                format!("{:.2} s", st.duration.as_secs_f64()),
+            ]);
+        }
         print!("{}", t.render());
     }
     if !report.matches_reference {
         eprintln!("error: the guest's memory does not match the host reference");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the VM while a progress bar follows the vCPUs' reports.
+pub fn run_with_bar(
+    vm: &mut TestVm,
+    control: &Arc<RunControl>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<RunOutcome> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        let monitor = s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.set_position(control.total());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let r = vm.run(control);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = monitor.join();
+        r
+    })?;
+    Ok(outcome)
+}
+
+fn kind_of(code: u32) -> anyhow::Result<MemoryKind> {
+    Ok(match code {
+        livepage_image::kind::ANON => MemoryKind::Anon,
+        livepage_image::kind::THP => MemoryKind::Thp,
+        livepage_image::kind::SHMEM => MemoryKind::Shmem,
+        livepage_image::kind::HUGETLB => MemoryKind::Hugetlb,
+        other => bail!("the image records an unknown memory type {other}"),
+    })
+}
+
+/// Loads every page of region 0 of `img` into a new region (eager restore).
+pub fn load_eager(img: &livepage_image::Image, kind: MemoryKind) -> anyhow::Result<Arc<Region>> {
+    let desc = img.regions()[0];
+    let region = Region::new(kind, desc.len as usize)
+        .with_context(|| format!("allocating {} MiB of {kind} memory", desc.len >> 20))?;
+    if desc.page_size % region.page_size() as u64 != 0 {
+        bail!(
+            "the image's {}-byte pages cannot be loaded into {kind} memory",
+            desc.page_size
+        );
+    }
+    let mut buf = vec![0u8; desc.page_size as usize];
+    let bar = crate::bench::progress(desc.pages(), "loading");
+    for p in 0..desc.pages() {
+        match img.read_page(0, p, &mut buf)? {
+            livepage_image::PageState::Data => region.write((p * desc.page_size) as usize, &buf)?,
+            livepage_image::PageState::Zero => {}
+            livepage_image::PageState::Parent => bail!(
+                "{} is a delta: resume needs its whole chain",
+                img.path().display()
+            ),
+        }
+        if p % 4096 == 0 {
+            bar.set_position(p);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Arc::new(region))
+}
+
+pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
+    livepage_testvm::check_host()?;
+    let img = livepage_image::Image::open(&args.image)?;
+    let Some(state_bytes) = img.vm_state() else {
+        bail!(
+            "{} holds no VM state (it is not a snapshot of the test VM)",
+            args.image.display()
+        );
+    };
+    let state =
+        livepage_testvm::VmState::from_bytes(state_bytes).context("the image's VM state")?;
+    if img.regions().len() != 1 || img.regions()[0].len < state.ram {
+        bail!(
+            "{} does not hold one region of guest RAM of {} bytes",
+            args.image.display(),
+            state.ram
+        );
+    }
+    let kind = match args.memory {
+        Some(m) => MemoryKind::from(m),
+        None => kind_of(img.regions()[0].kind)?,
+    };
+    let spec = VmSpec {
+        ram: state.ram,
+        vcpus: state.vcpus.len() as u32,
+        workload: state.workload,
+    };
+    check_memory(&spec, kind)?;
+    let t_load = Instant::now();
+    let region = load_eager(&img, kind)?;
+    let load = t_load.elapsed();
+    let mut vm = TestVm::restore(region.clone(), &state, VmOptions::default())?;
+    let from = vm.progress();
+    let slice_pages = livepage_testvm::layout::slice(spec.ram, spec.vcpus, 0).1;
+    let bar = crate::bench::progress(
+        spec.workload.steps(slice_pages) * u64::from(spec.vcpus),
+        "guest steps",
+    );
+    let t0 = Instant::now();
+    let control = RunControl::new(spec.vcpus, None);
+    if run_with_bar(&mut vm, &control, &bar)? != RunOutcome::Finished {
+        bail!("the guest stopped before finishing");
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let sum = checksum(&region, spec.ram)?;
+    let want = expected_checksum(spec.workload, spec.ram, spec.vcpus);
+    let out = serde_json::json!({
+        "image": args.image.display().to_string(),
+        "memory": kind,
+        "resumed_from_steps": from,
+        "load_seconds": load.as_secs_f64(),
+        "run_seconds": seconds,
+        "checksum": format!("{sum:016x}"),
+        "expected_checksum": format!("{want:016x}"),
+        "matches_reference": sum == want,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let mut t = Table::new(["vm resume", "value"]);
+        t.row(["image".to_string(), args.image.display().to_string()]);
+        t.row([
+            "guest RAM".to_string(),
+            format!("{} MiB ({kind}), {} vCPUs", spec.ram >> 20, spec.vcpus),
+        ]);
+        t.row(["resumed at steps".to_string(), format!("{from:?}")]);
+        t.row([
+            "eager load".to_string(),
+            format!("{:.2} s", load.as_secs_f64()),
+        ]);
+        t.row(["run time".to_string(), format!("{seconds:.2} s")]);
+        t.row(["checksum".to_string(), format!("{sum:016x}")]);
+        t.row([
+            "uninterrupted run".to_string(),
+            format!(
+                "{want:016x} ({})",
+                if sum == want { "match" } else { "MISMATCH" }
+            ),
+        ]);
+        print!("{}", t.render());
+    }
+    if sum != want {
+        eprintln!("error: the resumed guest's memory does not match an uninterrupted run");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,11 @@
 //! Point-in-time consistency of live snapshots under concurrent writers, for
 //! every memory type, several writer and handler threads, and buffers from
 //! plenty to none; discards during the snapshot; clean failures.
-#![allow(clippy::unwrap_used, clippy::undocumented_unsafe_blocks, clippy::needless_range_loop)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks,
+    clippy::needless_range_loop
+)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};

@@ -1,0 +1,261 @@
+//! The command line end to end: a live snapshot of the test VM resumed to the
+//! same checksum; corrupted, truncated and foreign images rejected clearly.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+fn livepage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_livepage"))
+}
+
+fn kvm_ok() -> bool {
+    if livepage_testvm::check_host().is_err() {
+        livepage_testutil::skip("cli", "no /dev/kvm");
+        return false;
+    }
+    true
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn snapshot(dir: &std::path::Path, memory: &str) -> std::path::PathBuf {
+    let img = dir.join(format!("{memory}.img"));
+    let out = livepage()
+        .args([
+            "vm",
+            "run",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--iterations",
+            "30000",
+            "--snapshot-at",
+            "10000",
+            "--buffer",
+            "1M",
+            "--json",
+            "--memory",
+            memory,
+            "--snapshot-out",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["matches_reference"], true);
+    assert!(v["snapshot"]["stats"]["pages"].as_u64().unwrap() > 0);
+    img
+}
+
+#[test]
+fn live_snapshot_then_resume_reaches_the_same_checksum() {
+    if !kvm_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for memory in ["anon", "shmem"] {
+        let img = snapshot(dir.path(), memory);
+        let v = json(
+            &livepage()
+                .args(["vm", "resume", "--json"])
+                .arg(&img)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(v["matches_reference"], true, "{v}");
+        assert_eq!(v["resumed_from_steps"][0].as_u64().unwrap() / 1024, 10);
+        let v = json(
+            &livepage()
+                .args(["inspect", "--json"])
+                .arg(&img)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(v["vm_state"]["vcpus"], 2);
+        json(
+            &livepage()
+                .args(["verify", "--json"])
+                .arg(&img)
+                .output()
+                .unwrap(),
+        );
+    }
+    // Never over an existing image.
+    let img = dir.path().join("anon.img");
+    let out = livepage()
+        .args([
+            "vm",
+            "run",
+            "--mem",
+            "64M",
+            "--iterations",
+            "3000",
+            "--snapshot-at",
+            "1000",
+            "--snapshot-out",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
+
+#[test]
+fn damaged_images_are_rejected_with_a_clear_message() {
+    if !kvm_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = snapshot(dir.path(), "anon");
+    let v = json(
+        &livepage()
+            .args(["inspect", "--json"])
+            .arg(&img)
+            .output()
+            .unwrap(),
+    );
+    let data_offset = v["regions"][0]["data_offset"].as_u64().unwrap();
+    // Find a stored page and flip a byte in it.
+    let reader = livepage_image::Image::open(&img).unwrap();
+    let page = (0..reader.pages())
+        .find(|p| reader.page_state(*p).unwrap().0 == livepage_image::PageState::Data)
+        .unwrap();
+    drop(reader);
+    let offset = data_offset + page * 4096 + 17;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
+    let out = livepage().arg("verify").arg(&img).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("page {page} ")) && err.contains(&format!("{:#x}", offset - 17)),
+        "{err}"
+    );
+    let out = livepage()
+        .args(["vm", "resume"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
+    // Truncated.
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 100).unwrap();
+    for cmd in [&["inspect"][..], &["verify"], &["vm", "resume"]] {
+        let out = livepage().args(cmd).arg(&img).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("truncated"), "{cmd:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Not an image at all.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"hello, this is not an image").unwrap();
+    let out = livepage().arg("inspect").arg(&junk).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a livepage image"));
+}
+
+#[test]
+fn requests_the_host_cannot_hold_are_refused() {
+    if !kvm_ok() {
+        return;
+    }
+    let out = livepage()
+        .args(["vm", "run", "--mem", "120G", "--workload", "touch"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("available") || err.contains("exceeds"),
+        "{err}"
+    );
+    let out = livepage()
+        .args(["vm", "run", "--mem", "3M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid VM spec"));
+}
+
+#[test]
+fn probe_json_reports_the_features_the_engines_need() {
+    let v = json(&livepage().args(["probe", "--json"]).output().unwrap());
+    let feats: Vec<String> = v["kernel"]["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    for f in [
+        "WP_ASYNC",
+        "MINOR_SHMEM",
+        "MINOR_HUGETLBFS",
+        "MOVE",
+        "POISON",
+    ] {
+        if !feats.iter().any(|x| x == f) {
+            livepage_testutil::skip("probe_json", &format!("kernel lacks {f}"));
+            return;
+        }
+    }
+    assert_eq!(v["kernel"]["pagemap_scan"], true);
+}
+
+/// Run as nobody, the probe explains the permission problem and fails.
+#[test]
+fn probe_explains_missing_permission() {
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        livepage_testutil::skip("probe_unprivileged", "setpriv not installed");
+        return;
+    }
+    let bin = std::env::temp_dir().join(format!("livepage-probe-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_livepage"), &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&bin)
+        .arg("probe")
+        .output()
+        .unwrap();
+    std::fs::remove_file(&bin).ok();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if text.contains("setpriv:") {
+        livepage_testutil::skip("probe_unprivileged", "cannot drop privileges here");
+        return;
+    }
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("/dev/userfaultfd")
+            && text.contains("vm.unprivileged_userfaultfd")
+            && text.contains("CAP_SYS_PTRACE"),
+        "{text}"
+    );
+    assert!(text.contains("KVM"), "{text}");
+}
