@@ -41,7 +41,12 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    section("test VM: 2 vCPUs, 256 MiB of shmem, seeded read-modify-writes");
+    section(
+        "test VM: 2 vCPUs, 256 MiB of shmem, seeded read-modify-writes, live snapshot at step 40960",
+    );
+    let dir = std::env::temp_dir().join(format!("livepage-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("vm.img");
     let code = crate::vm::run(&RunArgs {
         mem: 256 << 20,
         vcpus: 2,
@@ -49,12 +54,25 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         seed: 7,
         iterations: 100_000,
         memory: MemoryArg::Shmem,
-        snapshot_at: None,
-        snapshot_out: None,
-        buffer: 64 << 20,
+        snapshot_at: Some(40_000),
+        snapshot_out: Some(image.clone()),
+        buffer: 16 << 20,
         snapshot_handlers: 1,
         json,
     })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    section(
+        "the live snapshot, verified and resumed in a new VM (eager load): same checksum as the uninterrupted run",
+    );
+    crate::image_cmd::verify(&image, json)?;
+    let code = crate::vm::resume(&crate::vm::ResumeArgs {
+        image: image.clone(),
+        memory: None,
+        json,
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }

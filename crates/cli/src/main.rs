@@ -67,6 +67,9 @@ enum BenchCommand {
     /// KVM demand paging with the test VM: pages/s against vCPUs, userfaultfd
     /// layout and handler threads, beside the same guest without userfaultfd.
     DemandPaging(bench::demand::DemandArgs),
+    /// Live snapshots (buffer 0 to 256 MiB) against fork() and stop-the-world
+    /// while writers dirty new pages at fixed rates.
+    Snapshot(bench::snapshot::SnapshotBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +105,17 @@ fn main() -> ExitCode {
                 }
             } else {
                 print!("{}", bench::demand::render(&rows));
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::run(&args).map(|rows| {
+            if args.json {
+                match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            } else {
+                print!("{}", bench::snapshot::render(&rows, args.writers));
             }
             ExitCode::SUCCESS
         }),

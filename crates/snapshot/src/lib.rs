@@ -60,6 +60,9 @@ pub struct SnapshotOptions {
     pub chunk_pages: usize,
     /// The VM state section of the image.
     pub vm_state: Option<Vec<u8>>,
+    /// Threads that write-protect pieces of the regions at the instant
+    /// (0: one per online CPU).
+    pub arm_threads: usize,
 }
 
 impl Default for SnapshotOptions {
@@ -69,6 +72,7 @@ impl Default for SnapshotOptions {
             handler_threads: 1,
             chunk_pages: 256,
             vm_state: None,
+            arm_threads: 0,
         }
     }
 }
@@ -255,18 +259,45 @@ pub fn required_features(regions: &[Arc<Region>]) -> Features {
     f
 }
 
-/// Arms write-protection over `regions` and starts writing the image to
-/// `output` (which must not exist). The snapshot's instant is when this
-/// returns; the caller may pause its workload just around the call.
+/// Prepares and arms a snapshot in one call; see [`prepare`] and
+/// [`Prepared::arm`]. The snapshot's instant is when this returns.
 pub fn start(
     regions: Vec<Arc<Region>>,
     output: &Path,
     opts: SnapshotOptions,
 ) -> Result<Snapshot, SnapshotError> {
+    prepare(regions, output, opts)?.arm()
+}
+
+/// Everything a snapshot needs before its instant: the image file (an
+/// unwritable destination fails here, before anything is armed), the
+/// userfaultfd, the buffer, the regions registered for write-protect, and the
+/// handler threads. Arming is then one write-protect per region, so a caller
+/// pauses its workload only around [`Prepared::arm`].
+pub struct Prepared {
+    shared: Arc<Shared>,
+    handlers: Vec<JoinHandle<()>>,
+    stop: Arc<EventFd>,
+    arm_threads: usize,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("pages", &self.shared.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Prepares a snapshot of `regions` into `output` (which must not exist).
+pub fn prepare(
+    regions: Vec<Arc<Region>>,
+    output: &Path,
+    opts: SnapshotOptions,
+) -> Result<Prepared, SnapshotError> {
     if regions.is_empty() {
         return Err(SnapshotError::Invalid("no regions to snapshot".into()));
     }
-    let handlers = opts.handler_threads.max(1);
     let descs: Vec<RegionDesc> = regions
         .iter()
         .map(|r| RegionDesc {
@@ -276,7 +307,6 @@ pub fn start(
             kind: image_kind(r.kind()),
         })
         .collect();
-    // Create the destination first: an unwritable directory fails before anything is armed.
     let image = ImageWriter::create(output, &descs, None)?;
     if let Some(v) = &opts.vm_state {
         image.set_vm_state(v.clone());
@@ -293,7 +323,6 @@ pub fn start(
     let canary = Region::new(MemoryKind::Anon, 4096)?;
     canary.fill(0, 4096, 1)?;
     canary.register(&uffd, RegisterMode::WP)?;
-
     let mut tracked = Vec::new();
     let mut total = 0;
     for r in &regions {
@@ -314,30 +343,17 @@ pub fn start(
         free: Mutex::new((0..nslots).rev().collect()),
         filled: Mutex::new(VecDeque::new()),
     };
-
-    // The instant: register and protect every region.
-    let t0 = Instant::now();
-    let mut armed: Vec<&Arc<Region>> = Vec::new();
-    let arm_result: Result<(), SnapshotError> = (|| {
-        for r in &regions {
-            r.register(&uffd, RegisterMode::WP)?;
-            armed.push(r);
-            match uffd.write_protect(r.addr(), r.len(), true, false)? {
-                Resolved::All => {}
-                other => return Err(SnapshotError::Invalid(format!("arming returned {other:?}"))),
+    // Registering changes nothing for the workload until pages are protected.
+    let mut registered: Vec<&Arc<Region>> = Vec::new();
+    for r in &regions {
+        if let Err(e) = r.register(&uffd, RegisterMode::WP) {
+            for done in registered {
+                let _ = done.unregister(&uffd);
             }
+            return Err(e.into());
         }
-        Ok(())
-    })();
-    if let Err(e) = arm_result {
-        for r in armed {
-            let _ = r.unregister(&uffd);
-        }
-        return Err(e);
+        registered.push(r);
     }
-    let arm = t0.elapsed();
-    let started = Instant::now();
-
     let shared = Arc::new(Shared {
         uffd,
         canary,
@@ -357,24 +373,98 @@ pub fn start(
         hold_writer: AtomicBool::new(false),
         writer_parked: AtomicBool::new(false),
     });
-    let stop =
-        Arc::new(EventFd::new().map_err(|e| SnapshotError::Invalid(format!("eventfd: {e}")))?);
-    let handler_threads = (0..handlers)
+    let stop = match EventFd::new() {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            shared.release();
+            return Err(SnapshotError::Invalid(format!("eventfd: {e}")));
+        }
+    };
+    let handlers = (0..opts.handler_threads.max(1))
         .map(|_| {
             let (s, stop) = (shared.clone(), stop.clone());
             std::thread::spawn(move || s.handler_loop(&stop))
         })
         .collect();
-    let s = shared.clone();
-    let writer = Some(std::thread::spawn(move || s.writer_loop()));
-    Ok(Snapshot {
+    Ok(Prepared {
         shared,
-        writer,
-        handlers: handler_threads,
+        handlers,
         stop,
-        arm,
-        started,
+        arm_threads: opts.arm_threads,
     })
+}
+
+impl Prepared {
+    /// The instant: write-protects every region and starts the writer.
+    pub fn arm(mut self) -> Result<Snapshot, SnapshotError> {
+        let t0 = Instant::now();
+        // Write-protect in parallel pieces: the kernel walks page tables under
+        // the mmap read lock, so the pieces proceed side by side.
+        let cpus = if self.arm_threads == 0 {
+            livepage_uffd::mm::online_cpus().max(1)
+        } else {
+            self.arm_threads
+        };
+        let mut pieces = Vec::new();
+        for t in &self.shared.regions {
+            let align = t.page_size.max(2 << 20);
+            let step = (t.region.len() / cpus).next_multiple_of(align).max(align);
+            let mut off = 0;
+            while off < t.region.len() {
+                let len = step.min(t.region.len() - off);
+                pieces.push((t.region.addr() + off, len));
+                off += len;
+            }
+        }
+        let uffd = &self.shared.uffd;
+        let results: Vec<Result<Resolved, RangeError>> = std::thread::scope(|s| {
+            if pieces.len() == 1 {
+                return vec![uffd.write_protect(pieces[0].0, pieces[0].1, true, false)];
+            }
+            let handles: Vec<_> = pieces
+                .iter()
+                .map(|&(a, l)| s.spawn(move || uffd.write_protect(a, l, true, false)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Ok(Resolved::EventPending)))
+                .collect()
+        });
+        for r in results {
+            let e = match r {
+                Ok(Resolved::All) => continue,
+                Ok(other) => SnapshotError::Invalid(format!("arming returned {other:?}")),
+                Err(e) => e.into(),
+            };
+            self.shared.fail(e);
+            return Err(self.shared.take_error().unwrap_or(SnapshotError::Cancelled));
+        }
+        let arm = t0.elapsed();
+        let started = Instant::now();
+        let s = self.shared.clone();
+        let writer = Some(std::thread::spawn(move || s.writer_loop()));
+        Ok(Snapshot {
+            shared: self.shared.clone(),
+            writer,
+            handlers: std::mem::take(&mut self.handlers),
+            stop: self.stop.clone(),
+            arm,
+            started,
+        })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.handlers.is_empty() {
+            // Never armed (or arming failed): undo the registration, stop the handlers.
+            self.shared.fail(SnapshotError::Cancelled);
+            self.stop.signal();
+            for h in self.handlers.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
 }
 
 impl Snapshot {

@@ -156,6 +156,7 @@ fn check_point_in_time(
             handler_threads: handlers,
             chunk_pages: 64,
             vm_state: None,
+            arm_threads: 0,
         },
     )
     .unwrap();
@@ -270,6 +271,7 @@ fn discarded_memory_keeps_its_snapshot_contents() {
             handler_threads: 1,
             chunk_pages: 1,
             vm_state: None,
+            arm_threads: 0,
         },
     )
     .unwrap();
@@ -311,6 +313,7 @@ fn cancel_is_clean() {
             handler_threads: 1,
             chunk_pages: 1,
             vm_state: None,
+            arm_threads: 0,
         },
     )
     .unwrap();
@@ -406,6 +409,7 @@ fn unmapped_region_aborts() {
             handler_threads: 1,
             chunk_pages: 1,
             vm_state: None,
+            arm_threads: 0,
         },
     )
     .unwrap();

@@ -85,3 +85,77 @@ pub fn api(fd: BorrowedFd<'_>, api: u64, features: u64) -> (i32, sys::uffdio_api
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut a) };
     (r, a)
 }
+
+/// The fork()-based snapshot peer (what Redis and Valkey do): forks, and the
+/// child writes `[addr, addr+len)` of its copy-on-write view to `fd` at the
+/// same offsets (zero pages skipped), then exits. Returns the child's pid and
+/// how long `fork()` itself took (the parent's pause). The child only makes
+/// raw syscalls, so it is safe to fork from a multi-threaded process.
+pub fn fork_dump(
+    addr: usize,
+    len: usize,
+    fd: BorrowedFd<'_>,
+) -> Result<(i32, std::time::Duration), crate::Errno> {
+    let raw = fd.as_raw_fd();
+    let t0 = std::time::Instant::now();
+    // SAFETY: the child below touches no lock, allocator or Rust runtime state: it
+    // reads memory it inherited, calls pwrite and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(crate::Errno::last());
+    }
+    if pid == 0 {
+        let mut off = 0usize;
+        let mut code = 0;
+        while off < len {
+            // One run of non-zero pages, up to 1 MiB.
+            let mut end = off;
+            while end < len && end - off < (1 << 20) {
+                // SAFETY: `addr+end .. +4096` lies inside the caller's mapping, which
+                // the child inherited.
+                let page = unsafe { std::slice::from_raw_parts((addr + end) as *const u64, 512) };
+                if page.iter().all(|w| *w == 0) {
+                    break;
+                }
+                end += 4096;
+            }
+            if end > off {
+                // SAFETY: the run lies inside the inherited mapping; pwrite only reads it.
+                let n = unsafe {
+                    libc::pwrite(
+                        raw,
+                        (addr + off) as *const libc::c_void,
+                        end - off,
+                        off as i64,
+                    )
+                };
+                if n != (end - off) as isize {
+                    code = 1;
+                    break;
+                }
+                off = end;
+            } else {
+                off += 4096;
+            }
+        }
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    Ok((pid, t0.elapsed()))
+}
+
+/// Waits for a child; returns whether it exited with status 0.
+pub fn wait_child(pid: i32) -> Result<bool, crate::Errno> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a live local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        }
+        let e = crate::Errno::last();
+        if e != crate::Errno::INTR {
+            return Err(e);
+        }
+    }
+}

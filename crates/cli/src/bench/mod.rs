@@ -2,6 +2,7 @@
 
 pub mod demand;
 pub mod faults;
+pub mod snapshot;
 
 /// The value at quantile `q` of sorted samples (0 when empty).
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {
