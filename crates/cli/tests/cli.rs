@@ -243,6 +243,19 @@ fn probe_explains_missing_permission() {
         .arg("probe")
         .output()
         .unwrap();
+    // The test VM without access to /dev/kvm says so and fails.
+    let vm = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&bin)
+        .args(["vm", "run", "--mem", "64M"])
+        .output()
+        .unwrap();
+    let vm_err = String::from_utf8_lossy(&vm.stderr).to_string();
     std::fs::remove_file(&bin).ok();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -258,4 +271,6 @@ fn probe_explains_missing_permission() {
         "{text}"
     );
     assert!(text.contains("KVM"), "{text}");
+    assert!(!vm.status.success(), "{vm_err}");
+    assert!(vm_err.contains("/dev/kvm"), "{vm_err}");
 }
