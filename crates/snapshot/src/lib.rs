@@ -197,6 +197,23 @@ struct Buffer {
     filled: Mutex<VecDeque<(u64, usize)>>,
 }
 
+/// A handler's reusable buffers: one page, the event buffer, the faults read.
+struct Scratch {
+    page: Vec<u8>,
+    events: EventBuffer,
+    faults: Vec<u64>,
+}
+
+impl Scratch {
+    fn new(page_size: usize) -> Scratch {
+        Scratch {
+            page: vec![0u8; page_size],
+            events: EventBuffer::new(64),
+            faults: Vec::with_capacity(64),
+        }
+    }
+}
+
 struct Shared {
     uffd: Uffd,
     canary: Region,
@@ -723,28 +740,29 @@ impl Shared {
                     saved += 1;
                 }
             }
-            let _ = r;
         }
         Ok(saved)
     }
 
-    /// Reads events under the read lock after probing for a pending discard;
-    /// processes non-fault events and returns the page faults read.
+    /// Handles a pending event found by a failed un-protect: reads events
+    /// (safely) and serves the faults that came with them.
     fn drain_events(&self) -> Result<(), SnapshotError> {
-        let faults = self.read_events_safely()?;
-        let mut buf = vec![0u8; self.buffer.slot_size];
-        for addr in faults {
-            self.handle_fault(addr, &mut buf)?;
+        let mut sc = Scratch::new(self.buffer.slot_size);
+        self.read_events_safely(&mut sc)?;
+        let Scratch { page, faults, .. } = &mut sc;
+        for addr in faults.drain(..) {
+            self.handle_fault(addr, page)?;
         }
         Ok(())
     }
 
-    fn read_events_safely(&self) -> Result<Vec<u64>, SnapshotError> {
+    /// Reads events under the read lock, after probing for a pending discard
+    /// or unmap; handles non-fault events and leaves the faults in `sc.faults`.
+    fn read_events_safely(&self, sc: &mut Scratch) -> Result<(), SnapshotError> {
         let _guard = self
             .read_lock
             .lock()
             .map_err(|_| SnapshotError::Invalid("read lock poisoned".into()))?;
-        let mut buf = vec![0u8; self.buffer.slot_size];
         let mut held = false;
         if !self.released.load(Ordering::SeqCst) {
             if let Ok(Resolved::EventPending) =
@@ -759,11 +777,11 @@ impl Shared {
                 while !self.writer_parked.load(Ordering::SeqCst) && !self.aborted() {
                     std::thread::yield_now();
                 }
-                let n = self.save_everything(&mut buf)?;
+                let n = self.save_everything(&mut sc.page)?;
                 self.counters.remove_saves.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let result = self.read_and_sort(&mut buf);
+        let result = self.read_and_sort(sc);
         // After an unmap the writer must stay parked: the snapshot is over.
         if held && result.is_ok() {
             self.hold_writer.store(false, Ordering::SeqCst);
@@ -771,10 +789,13 @@ impl Shared {
         result
     }
 
-    fn read_and_sort(&self, buf: &mut [u8]) -> Result<Vec<u64>, SnapshotError> {
-        let mut events = EventBuffer::new(64);
-        let mut faults = Vec::new();
-        for ev in self.uffd.read_events(&mut events)? {
+    fn read_and_sort(&self, sc: &mut Scratch) -> Result<(), SnapshotError> {
+        let Scratch {
+            page,
+            events,
+            faults,
+        } = sc;
+        for ev in self.uffd.read_events(events)? {
             match ev {
                 Event::PageFault(pf) => faults.push(pf.address),
                 Event::Remove { start, end } => {
@@ -786,7 +807,7 @@ impl Shared {
                         let t = &self.regions[r];
                         let g = t.first + p;
                         if self.claimed.set(g as usize) {
-                            self.save_direct(r, p, &mut buf[..t.page_size])?;
+                            self.save_direct(r, p, &mut page[..t.page_size])?;
                             self.counters
                                 .late_remove_saves
                                 .fetch_add(1, Ordering::Relaxed);
@@ -809,12 +830,12 @@ impl Shared {
                 Event::Fork { .. } => {}
             }
         }
-        Ok(faults)
+        Ok(())
     }
 
     fn handler_loop(&self, stop: &EventFd) {
-        let mut buf = vec![0u8; self.buffer.slot_size];
-        let mut events = EventBuffer::new(64);
+        // Everything the fault path needs is allocated once, here.
+        let mut sc = Scratch::new(self.buffer.slot_size);
         loop {
             let ready =
                 match poll_readable([std::os::fd::AsFd::as_fd(&self.uffd), stop.as_fd()], -1) {
@@ -830,22 +851,23 @@ impl Shared {
             if self.aborted() {
                 // Dead snapshot: protection is lifted, but threads that raised an
                 // event (munmap, madvise) stay blocked until it is read. Keep reading.
-                if self.uffd.read_events(&mut events).is_err() {
+                if self.uffd.read_events(&mut sc.events).is_err() {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 continue;
             }
-            match self.read_events_safely() {
-                Ok(faults) => {
-                    for addr in faults {
-                        if let Err(e) = self.handle_fault(addr, &mut buf) {
-                            self.fail(e);
-                            break;
-                        }
-                    }
-                }
-                Err(e) => self.fail(e),
+            if let Err(e) = self.read_events_safely(&mut sc) {
+                self.fail(e);
+                continue;
             }
+            let Scratch { page, faults, .. } = &mut sc;
+            for addr in faults.drain(..) {
+                if let Err(e) = self.handle_fault(addr, page) {
+                    self.fail(e);
+                    break;
+                }
+            }
+            sc.faults.clear();
         }
     }
 

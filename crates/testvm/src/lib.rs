@@ -38,7 +38,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_msr_entry, kvm_regs,
     kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use livepage_mem::{MemoryKind, Region};
 use livepage_uffd::{Categories, Pagemap, ScanRequest};
 
@@ -562,11 +562,6 @@ impl TestVm {
     /// Whether this host offers KVM's dirty ring (KVM_CAP_DIRTY_LOG_RING).
     pub fn dirty_ring_available(&self) -> bool {
         self.vm.check_extension_raw(192) > 0
-    }
-
-    /// Whether this host offers KVM_CAP_XSAVE2 (dynamic xfeatures).
-    pub fn has_cap_xsave(&self) -> bool {
-        self.vm.check_extension(Cap::Xsave)
     }
 }
 
