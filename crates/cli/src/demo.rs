@@ -58,6 +58,8 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         snapshot_out: Some(image.clone()),
         buffer: 16 << 20,
         snapshot_handlers: 1,
+        checkpoint_every: None,
+        checkpoint_dir: None,
         json,
     })?;
     if code != ExitCode::SUCCESS {

@@ -44,7 +44,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every checksum of an image; on corruption name the page and file offset.
+    /// Compact an image and its parents into one full image.
+    Merge {
+        /// The newest image of the chain.
+        image: std::path::PathBuf,
+        /// The merged image (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum of an image (and of its parents); on corruption name
+    /// the page and file offset, on a broken chain the missing parent.
     Verify {
         /// The image.
         image: std::path::PathBuf,
@@ -123,6 +135,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Resume(args)) => vm::resume(&args),
         Command::Inspect { image, json } => image_cmd::inspect(&image, json),
         Command::Verify { image, json } => image_cmd::verify(&image, json),
+        Command::Merge { image, out, json } => image_cmd::merge(&image, &out, json),
         Command::Demo { json } => demo::run(json),
     };
     match result {

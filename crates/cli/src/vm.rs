@@ -77,6 +77,13 @@ pub struct RunArgs {
     /// Copy-on-write buffer of the live snapshot (0: writers wait for the disk).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub buffer: u64,
+    /// Write a checkpoint every this many steps per vCPU: a full image first,
+    /// then deltas of the pages written since (async write-protect tracking).
+    #[arg(long, requires = "checkpoint_dir", conflicts_with = "snapshot_at")]
+    pub checkpoint_every: Option<u64>,
+    /// Directory for the checkpoint chain (created; existing images are never overwritten).
+    #[arg(long, requires = "checkpoint_every")]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Threads serving write-protect faults during the snapshot.
     #[arg(long, default_value_t = 1)]
     pub snapshot_handlers: usize,
@@ -174,6 +181,20 @@ pub struct RunReport {
     pub matches_reference: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointReport {
+    pub image: String,
+    pub at_steps: Vec<u64>,
+    pub parent: Option<String>,
+    pub dirty_bytes: u64,
+    pub collect_ms: f64,
+    /// vCPUs paused: collect, then write the image.
+    pub pause_ms: f64,
+    pub stats: livepage_track::CheckpointStats,
 }
 
 #[derive(Debug, Serialize)]
@@ -240,8 +261,52 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             snapshot = Some((snap, pause, vm.progress()));
         }
     }
-    let control = RunControl::new(spec.vcpus, None);
-    let outcome = run_with_bar(&mut vm, &control, &bar)?;
+    let mut checkpoints = Vec::new();
+    let mut outcome = RunOutcome::Paused;
+    if let (Some(every), Some(dir)) = (args.checkpoint_every, &args.checkpoint_dir) {
+        if every == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tracker = livepage_track::DirtyTracker::start(vec![region.clone()], None)
+            .context("starting dirty tracking")?;
+        let mut parent: Option<livepage_image::ImageId> = None;
+        let mut k = 1;
+        loop {
+            let control = RunControl::new(spec.vcpus, Some(k * every));
+            outcome = run_with_bar(&mut vm, &control, &bar)?;
+            if outcome == RunOutcome::Finished {
+                break;
+            }
+            let paused = Instant::now();
+            let state = vm.save()?.to_bytes();
+            let (dirty, cstats) = tracker.collect()?;
+            let path = dir.join(format!("checkpoint-{k:04}.img"));
+            let delta = parent.map(|p| (dirty.as_slice(), p));
+            let (id, stats) = livepage_track::write_checkpoint(
+                std::slice::from_ref(&region),
+                delta,
+                &path,
+                Some(state),
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+            checkpoints.push(CheckpointReport {
+                image: path.display().to_string(),
+                at_steps: vm.progress(),
+                parent: parent.map(|p| p.to_string()),
+                dirty_bytes: cstats.dirty_bytes,
+                collect_ms: cstats.duration.as_secs_f64() * 1e3,
+                pause_ms: paused.elapsed().as_secs_f64() * 1e3,
+                stats,
+            });
+            parent = Some(id);
+            k += 1;
+        }
+    }
+    if outcome != RunOutcome::Finished {
+        let control = RunControl::new(spec.vcpus, None);
+        outcome = run_with_bar(&mut vm, &control, &bar)?;
+    }
     if let Some((snap, pause, at_steps)) = snapshot {
         let stats = snap.wait().context("the live snapshot failed")?;
         snapshot_report = Some(SnapshotReport {
@@ -278,6 +343,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         expected_checksum: format!("{want:016x}"),
         matches_reference: sum == want,
         snapshot: snapshot_report,
+        checkpoints,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -349,6 +415,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             ]);
         }
         print!("{}", t.render());
+        if !report.checkpoints.is_empty() {
+            let mut c = Table::new([
+                "checkpoint",
+                "kind",
+                "at steps",
+                "dirty",
+                "data pages",
+                "collect ms",
+                "pause ms",
+            ]);
+            for cp in &report.checkpoints {
+                c.row([
+                    cp.image.clone(),
+                    if cp.parent.is_some() {
+                        "delta".to_string()
+                    } else {
+                        "base".to_string()
+                    },
+                    format!("{:?}", cp.at_steps),
+                    format!("{} KiB", cp.dirty_bytes >> 10),
+                    cp.stats.data_pages.to_string(),
+                    format!("{:.2}", cp.collect_ms),
+                    format!("{:.1}", cp.pause_ms),
+                ]);
+            }
+            print!("\n{}", c.render());
+        }
     }
     if !report.matches_reference {
         eprintln!("error: the guest's memory does not match the host reference");
@@ -389,9 +482,9 @@ fn kind_of(code: u32) -> anyhow::Result<MemoryKind> {
     })
 }
 
-/// Loads every page of region 0 of `img` into a new region (eager restore).
-pub fn load_eager(img: &livepage_image::Image, kind: MemoryKind) -> anyhow::Result<Arc<Region>> {
-    let desc = img.regions()[0];
+/// Loads every page of region 0 of the chain into a new region (eager restore).
+pub fn load_eager(chain: &livepage_image::Chain, kind: MemoryKind) -> anyhow::Result<Arc<Region>> {
+    let desc = chain.head().regions()[0];
     let region = Region::new(kind, desc.len as usize)
         .with_context(|| format!("allocating {} MiB of {kind} memory", desc.len >> 20))?;
     if desc.page_size % region.page_size() as u64 != 0 {
@@ -403,13 +496,9 @@ pub fn load_eager(img: &livepage_image::Image, kind: MemoryKind) -> anyhow::Resu
     let mut buf = vec![0u8; desc.page_size as usize];
     let bar = crate::bench::progress(desc.pages(), "loading");
     for p in 0..desc.pages() {
-        match img.read_page(0, p, &mut buf)? {
-            livepage_image::PageState::Data => region.write((p * desc.page_size) as usize, &buf)?,
-            livepage_image::PageState::Zero => {}
-            livepage_image::PageState::Parent => bail!(
-                "{} is a delta: resume needs its whole chain",
-                img.path().display()
-            ),
+        chain.read_page(0, p, &mut buf)?;
+        if buf.iter().any(|b| *b != 0) {
+            region.write((p * desc.page_size) as usize, &buf)?;
         }
         if p % 4096 == 0 {
             bar.set_position(p);
@@ -421,7 +510,8 @@ pub fn load_eager(img: &livepage_image::Image, kind: MemoryKind) -> anyhow::Resu
 
 pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     livepage_testvm::check_host()?;
-    let img = livepage_image::Image::open(&args.image)?;
+    let chain = livepage_image::Chain::open(&args.image)?;
+    let img = chain.head();
     let Some(state_bytes) = img.vm_state() else {
         bail!(
             "{} holds no VM state (it is not a snapshot of the test VM)",
@@ -448,7 +538,7 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     };
     check_memory(&spec, kind)?;
     let t_load = Instant::now();
-    let region = load_eager(&img, kind)?;
+    let region = load_eager(&chain, kind)?;
     let load = t_load.elapsed();
     let mut vm = TestVm::restore(region.clone(), &state, VmOptions::default())?;
     let from = vm.progress();

@@ -274,3 +274,89 @@ fn probe_explains_missing_permission() {
     assert!(!vm.status.success(), "{vm_err}");
     assert!(vm_err.contains("/dev/kvm"), "{vm_err}");
 }
+
+/// A checkpoint chain of the running VM: resume from a middle checkpoint and
+/// from the merged chain reaches the same checksum; a missing parent is named;
+/// nothing is written over an existing image.
+#[test]
+fn checkpoint_chain_resume_merge_and_broken_chain() {
+    if !kvm_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let run = || {
+        livepage()
+            .args([
+                "vm",
+                "run",
+                "--mem",
+                "64M",
+                "--vcpus",
+                "2",
+                "--iterations",
+                "20000",
+                "--checkpoint-every",
+                "5000",
+                "--json",
+                "--checkpoint-dir",
+            ])
+            .arg(&ck)
+            .output()
+            .unwrap()
+    };
+    let v = json(&run());
+    assert_eq!(v["matches_reference"], true);
+    let cps = v["checkpoints"].as_array().unwrap();
+    assert!(cps.len() >= 3, "{v}");
+    assert!(cps[0]["parent"].is_null() && !cps[1]["parent"].is_null());
+    let middle = ck.join("checkpoint-0002.img");
+    let r = json(
+        &livepage()
+            .args(["vm", "resume", "--json"])
+            .arg(&middle)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r["matches_reference"], true, "{r}");
+    let v = json(
+        &livepage()
+            .args(["verify", "--json"])
+            .arg(ck.join("checkpoint-0003.img"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(v["chain_length"], 3);
+    let merged = dir.path().join("merged.img");
+    json(
+        &livepage()
+            .args(["merge", "--json", "--out"])
+            .arg(&merged)
+            .arg(ck.join("checkpoint-0003.img"))
+            .output()
+            .unwrap(),
+    );
+    let r = json(
+        &livepage()
+            .args(["vm", "resume", "--json"])
+            .arg(&merged)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r["matches_reference"], true);
+    // Never over existing images.
+    let again = run();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // A missing parent is named, by verify and by resume.
+    std::fs::remove_file(ck.join("checkpoint-0001.img")).unwrap();
+    for cmd in [&["verify"][..], &["vm", "resume"]] {
+        let out = livepage().args(cmd).arg(&middle).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("parent image") && err.contains("missing"),
+            "{cmd:?}: {err}"
+        );
+    }
+}

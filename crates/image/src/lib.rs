@@ -132,7 +132,7 @@ impl PageState {
 #[non_exhaustive]
 pub enum ImageError {
     /// An I/O error, with what was being done.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// The step.
         what: &'static str,
@@ -198,6 +198,28 @@ pub enum ImageError {
         found: u32,
         /// crc expected.
         want: u32,
+    },
+    /// A delta's parent is not in its directory.
+    #[error(
+        "{child}: its parent image {parent} is missing (looked for an image with that id in {dir}); restore the parent or merge the chain where it is complete"
+    )]
+    MissingParent {
+        /// The delta.
+        child: PathBuf,
+        /// The parent's id.
+        parent: ImageId,
+        /// Where it was looked for.
+        dir: PathBuf,
+    },
+    /// A delta's parent describes other regions.
+    #[error("{child}: its parent {parent} has a different region layout ({detail})")]
+    ParentMismatch {
+        /// The delta.
+        child: PathBuf,
+        /// The parent file.
+        parent: PathBuf,
+        /// What differs.
+        detail: String,
     },
     /// A bad request (too many regions, a page out of range, a wrong length).
     #[error("{0}")]
@@ -840,6 +862,129 @@ impl Image {
     }
 }
 
+/// Reads only the header of `path` and returns its id if it is an intact
+/// livepage image header (used to find a delta's parent).
+pub fn peek_id(path: &Path) -> Option<ImageId> {
+    let f = File::open(path).ok()?;
+    let mut h = vec![0u8; HEADER_SIZE as usize];
+    f.read_exact_at(&mut h, 0).ok()?;
+    if &h[..8] != MAGIC
+        || le_u32(&h, HEADER_SIZE as usize - 4) != crc32c::crc32c(&h[..HEADER_SIZE as usize - 4])
+    {
+        return None;
+    }
+    h[24..40].try_into().ok().map(ImageId)
+}
+
+/// An image and its ancestors, newest first: a full image at the end and the
+/// deltas above it. Parents are found by id in the head's directory.
+#[derive(Debug)]
+pub struct Chain {
+    images: Vec<Image>,
+}
+
+impl Chain {
+    /// Opens `path` and every parent it needs, checking that all describe the
+    /// same regions.
+    pub fn open(path: &Path) -> Result<Chain, ImageError> {
+        let head = Image::open(path)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut images = vec![head];
+        while let Some(pid) = images.last().and_then(Image::parent) {
+            if images.len() > 10_000 {
+                return Err(ImageError::Invalid(
+                    "image chain longer than 10000 (a cycle?)".into(),
+                ));
+            }
+            let child = images.last().map(|i| i.path.clone()).unwrap_or_default();
+            let found = std::fs::read_dir(&dir)
+                .map_err(io("listing", &dir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.is_file() && peek_id(p) == Some(pid));
+            let Some(ppath) = found else {
+                return Err(ImageError::MissingParent {
+                    child,
+                    parent: pid,
+                    dir,
+                });
+            };
+            let parent = Image::open(&ppath)?;
+            let (a, b) = (images[0].regions(), parent.regions());
+            if a.len() != b.len()
+                || a.iter()
+                    .zip(b)
+                    .any(|(x, y)| x.len != y.len || x.page_size != y.page_size)
+            {
+                return Err(ImageError::ParentMismatch {
+                    child,
+                    parent: ppath,
+                    detail: format!("{} regions against {}", a.len(), b.len()),
+                });
+            }
+            images.push(parent);
+        }
+        Ok(Chain { images })
+    }
+
+    /// The newest image.
+    pub fn head(&self) -> &Image {
+        &self.images[0]
+    }
+
+    /// All images, newest first.
+    pub fn images(&self) -> &[Image] {
+        &self.images
+    }
+
+    /// Reads a page as the head image sees it (following parents).
+    pub fn read_page(&self, region: usize, page: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        for img in &self.images {
+            if img.read_page(region, page, buf)? != PageState::Parent {
+                return Ok(());
+            }
+        }
+        Err(ImageError::Corrupt {
+            path: self.images[self.images.len() - 1].path.clone(),
+            what: "chain",
+            detail: format!("page {page} of region {region} is in no image"),
+        })
+    }
+
+    /// Verifies every image of the chain.
+    pub fn verify(&self) -> Result<u64, ImageError> {
+        let mut n = 0;
+        for img in &self.images {
+            n += img.verify()?;
+        }
+        Ok(n)
+    }
+
+    /// Writes the chain as one full image at `out` (which must not exist).
+    pub fn merge(&self, out: &Path) -> Result<ImageId, ImageError> {
+        let head = self.head();
+        let w = ImageWriter::create(out, head.regions(), None)?;
+        if let Some(v) = head.vm_state() {
+            w.set_vm_state(v.to_vec());
+        }
+        for (ri, r) in head.regions().iter().enumerate() {
+            let mut buf = vec![0u8; r.page_size as usize];
+            for p in 0..r.pages() {
+                self.read_page(ri, p, &mut buf)?;
+                let g = w.global_page(ri, p);
+                if buf.iter().all(|b| *b == 0) {
+                    w.mark_zero(g);
+                } else {
+                    w.write_page(g, &buf)?;
+                }
+            }
+        }
+        w.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +1076,48 @@ mod tests {
         ));
         f.write_all_at(b"NOTANIMG", 0).unwrap();
         assert!(matches!(Image::open(&path), Err(ImageError::NotAnImage(_))));
+    }
+
+    #[test]
+    fn chains_resolve_merge_and_name_missing_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, base_id) = write_sample(dir.path());
+        let delta = dir.path().join("delta");
+        let w = ImageWriter::create(&delta, &regions(), Some(base_id)).unwrap();
+        w.write_page(3, &vec![0x77u8; 4096]).unwrap();
+        w.mark_zero(15);
+        let _ = w.finish().unwrap();
+        let chain = Chain::open(&delta).unwrap();
+        assert_eq!(chain.images().len(), 2);
+        let mut buf = vec![0u8; 4096];
+        chain.read_page(0, 3, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x77));
+        chain.read_page(0, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 1), "inherited from the base");
+        chain.read_page(0, 15, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0), "zeroed in the delta");
+        let merged = dir.path().join("merged");
+        chain.merge(&merged).unwrap();
+        let m = Chain::open(&merged).unwrap();
+        assert_eq!(m.images().len(), 1);
+        m.read_page(0, 3, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x77));
+        std::fs::remove_file(&base).unwrap();
+        assert!(matches!(
+            Chain::open(&delta),
+            Err(ImageError::MissingParent { .. })
+        ));
+        // A delta naming a parent with another region layout is refused.
+        let other = dir.path().join("other");
+        let w = ImageWriter::create(&other, &regions()[..1], None).unwrap();
+        let other_id = w.finish().unwrap();
+        let bad = dir.path().join("bad");
+        let w = ImageWriter::create(&bad, &regions(), Some(other_id)).unwrap();
+        w.finish().unwrap();
+        assert!(matches!(
+            Chain::open(&bad),
+            Err(ImageError::ParentMismatch { .. })
+        ));
     }
 
     #[test]
