@@ -25,7 +25,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         strategies: vec![Strategy::Read, Strategy::SameCpu],
         paths: vec![Path::AnonCopy, Path::ShmemContinue],
         pages: 2048,
-        reps: 4,
+        reps: 8,
         json,
     };
     let rows = faults::run(&args)?;
@@ -71,6 +71,38 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     crate::image_cmd::verify(&image, json)?;
     let code = crate::vm::resume(&crate::vm::ResumeArgs {
         image: image.clone(),
+        memory: None,
+        json,
+    })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+
+    section(
+        "incremental checkpoints of the running VM (async write-protect + PAGEMAP_SCAN), then a resume from the middle one",
+    );
+    let ck = dir.join("checkpoints");
+    let code = crate::vm::run(&RunArgs {
+        mem: 128 << 20,
+        vcpus: 2,
+        workload: WorkloadKind::Dirty,
+        seed: 11,
+        iterations: 60_000,
+        memory: MemoryArg::Anon,
+        snapshot_at: None,
+        snapshot_out: None,
+        buffer: 0,
+        snapshot_handlers: 1,
+        checkpoint_every: Some(15_000),
+        checkpoint_dir: Some(ck.clone()),
+        json,
+    })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    crate::image_cmd::verify(&ck.join("checkpoint-0003.img"), json)?;
+    let code = crate::vm::resume(&crate::vm::ResumeArgs {
+        image: ck.join("checkpoint-0002.img"),
         memory: None,
         json,
     })?;

@@ -82,6 +82,9 @@ enum BenchCommand {
     /// Live snapshots (buffer 0 to 256 MiB) against fork() and stop-the-world
     /// while writers dirty new pages at fixed rates.
     Snapshot(bench::snapshot::SnapshotBenchArgs),
+    /// Dirty tracking: collect-and-re-arm cost against region size and dirty
+    /// fraction, and the cost of a tracked write, per backend.
+    Track(bench::track::TrackArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +131,17 @@ fn main() -> ExitCode {
                 }
             } else {
                 print!("{}", bench::snapshot::render(&rows, args.writers));
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Bench(BenchCommand::Track(args)) => bench::track::run(&args).map(|rows| {
+            if args.json {
+                match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            } else {
+                print!("{}", bench::track::render(&rows));
             }
             ExitCode::SUCCESS
         }),

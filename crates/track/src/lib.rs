@@ -18,9 +18,11 @@
 //!
 //! Known limit of the sync backend: MADV_DONTNEED on tracked *anonymous*
 //! memory drops the page together with its protection, so a later write there
-//! is not seen (the async backend reports a zapped page as written). Status:
-//! this crate is the tracking core of issue #5; incremental images, the KVM
-//! dirty-log backend, the CLI and `bench track` are still to come.
+//! is not seen (the async backend reports a zapped page as written).
+//!
+//! [`write_checkpoint`] turns a collect into a delta image (or writes a full
+//! base image); [`DirtyTracker::precopy_round`] hands out dirty ranges with
+//! their contents, the building block of pre-copy migration.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -32,8 +34,8 @@ use std::time::{Duration, Instant};
 use livepage_mem::{PageBitmap, RangeSet, Region, RegionError};
 use livepage_uffd::poll::{EventFd, poll_readable};
 use livepage_uffd::{
-    CreateError, Event, EventBuffer, Features, Pagemap, RangeError, RegisterMode, Resolved,
-    ScanError, ScanRequest, Uffd, UffdBuilder,
+    Categories, CreateError, Event, EventBuffer, Features, Pagemap, RangeError, RegisterMode,
+    Resolved, ScanError, ScanRequest, Uffd, UffdBuilder,
 };
 use serde::Serialize;
 
@@ -255,14 +257,31 @@ impl DirtyTracker {
                     .ok_or_else(|| TrackError::Handler("no pagemap".into()))?;
                 for r in &self.regions {
                     let base = r.addr() as u64;
-                    let mut set = RangeSet::new();
+                    let end = base + r.len() as u64;
+                    // First the populated runs (a read-only walk), then the harvest on
+                    // those runs only. A harvest (WP_MATCHING) over holes would
+                    // protect the holes too, filling page tables with markers across a
+                    // large sparse reservation and making every later walk cost its
+                    // reserved size. A page populated later has no uffd-wp bit, so
+                    // the next collect finds it present and reports it as written.
+                    let mut populated = Vec::new();
+                    let present = Categories::PRESENT | Categories::SWAPPED;
                     let mut scan =
-                        pm.scan(ScanRequest::harvest_written(base, base + r.len() as u64));
+                        pm.scan(ScanRequest::any_of(base, end, present, Categories::empty()));
                     for reg in scan.by_ref() {
                         let reg = reg?;
-                        set.insert(reg.start - base, reg.end - base);
+                        populated.push((reg.start, reg.end));
                     }
                     stats.scan_calls += scan.calls();
+                    let mut set = RangeSet::new();
+                    for (s, e) in populated {
+                        let mut scan = pm.scan(ScanRequest::harvest_written(s, e));
+                        for reg in scan.by_ref() {
+                            let reg = reg?;
+                            set.insert(reg.start - base, reg.end - base);
+                        }
+                        stats.scan_calls += scan.calls();
+                    }
                     out.push(DirtyRegion { ranges: set });
                 }
             }
@@ -277,12 +296,10 @@ impl DirtyTracker {
                 for (r, bitmap) in self.regions.iter().zip(&state.dirty) {
                     let ps = r.page_size() as u64;
                     let mut set = RangeSet::new();
-                    for p in 0..r.pages() {
-                        // Clear, then re-protect below before reporting: a write
-                        // after the re-protect faults again and is marked anew.
-                        if bitmap.clear(p) {
-                            set.insert(p as u64 * ps, (p as u64 + 1) * ps);
-                        }
+                    // Clear, then re-protect below before reporting: a write after
+                    // the re-protect faults again and is marked anew.
+                    for p in bitmap.take_set() {
+                        set.insert(p as u64 * ps, (p as u64 + 1) * ps);
                     }
                     for (s, e) in set.iter() {
                         // EAGAIN: an event (a discard) is pending; the handler reads it.

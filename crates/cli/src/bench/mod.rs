@@ -3,6 +3,7 @@
 pub mod demand;
 pub mod faults;
 pub mod snapshot;
+pub mod track;
 
 /// The value at quantile `q` of sorted samples (0 when empty).
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {

@@ -1,0 +1,193 @@
+//! `livepage bench track`: the cost of dirty tracking per backend.
+//!
+//! For each region (populated sizes, and a large MAP_NORESERVE reservation
+//! with little populated) and each backend, a writer dirties a fraction of
+//! the pages (one write to each, spread over the region), then a collect
+//! harvests and re-arms them. Reported: the cost of a tracked first write
+//! (the same writes timed again right after, untracked, are subtracted), the
+//! collect's duration, and the arming time.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use livepage_mem::{MemoryKind, Region};
+use livepage_track::{Backend, DirtyTracker};
+use serde::Serialize;
+
+use super::progress;
+use crate::table::Table;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// WP_ASYNC + PAGEMAP_SCAN.
+    WpAsync,
+    /// Synchronous write-protect with a handler thread.
+    SyncWp,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::WpAsync => Backend::WpAsync,
+            BackendArg::SyncWp => Backend::SyncWp,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrackArgs {
+    /// Fully populated region sizes.
+    #[arg(long, value_delimiter = ',', value_parser = crate::vm::parse_size, default_values_t = [1u64 << 30, 4 << 30])]
+    pub sizes: Vec<u64>,
+    /// A MAP_NORESERVE reservation of this size ...
+    #[arg(long, value_parser = crate::vm::parse_size, default_value = "1T")]
+    pub sparse: u64,
+    /// ... with this much populated (spread over it).
+    #[arg(long, value_parser = crate::vm::parse_size, default_value = "2G")]
+    pub sparse_populated: u64,
+    /// Spread the sparse region's populated memory in 2 MiB chunks (worst case).
+    #[arg(long)]
+    pub scatter: bool,
+    /// Fractions of the populated pages dirtied between collects.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.001f64, 0.01, 0.1])]
+    pub fractions: Vec<f64>,
+    /// Backends.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [BackendArg::WpAsync, BackendArg::SyncWp])]
+    pub backends: Vec<BackendArg>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrackRow {
+    pub reserved: u64,
+    pub populated: u64,
+    pub backend: Backend,
+    pub fraction: f64,
+    pub pages_dirtied: u64,
+    pub arm_ms: f64,
+    /// Extra cost of a tracked first write, in µs.
+    pub write_cost_us: f64,
+    pub collect_ms: f64,
+    pub pages_reported: u64,
+}
+
+/// Offsets of the populated 4 KiB pages: contiguous for a full region, or
+/// 1 GiB blocks spread evenly over a sparse one (guest RAM in a large
+/// reservation). The walk's cost follows the page-table pages that exist, so
+/// `--scatter` instead spreads 2 MiB chunks as widely as possible: the worst case.
+fn populated_pages(reserved: u64, populated: u64, scatter: bool) -> Vec<usize> {
+    let chunk = if scatter {
+        2u64 << 20
+    } else {
+        (1u64 << 30).min(populated)
+    };
+    let chunks = populated / chunk;
+    let stride = (reserved / chunks.max(1)) / chunk * chunk;
+    (0..chunks)
+        .flat_map(|c| (0..chunk / 4096).map(move |p| (c * stride + p * 4096) as usize))
+        .collect()
+}
+
+fn time_writes(r: &Region, offs: &[usize], v: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for &o in offs {
+        r.write_u64(o, v)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+pub fn run(args: &TrackArgs) -> anyhow::Result<Vec<TrackRow>> {
+    let caps = livepage_uffd::probe::capabilities();
+    if !caps.access.full() {
+        anyhow::bail!(
+            "no userfaultfd available: {}",
+            caps.access.advice().join("; ")
+        );
+    }
+    let mut cases: Vec<(u64, u64)> = args.sizes.iter().map(|s| (*s, *s)).collect();
+    if args.sparse > 0 {
+        cases.push((args.sparse, args.sparse_populated));
+    }
+    let bar = progress(
+        (cases.len() * args.backends.len() * args.fractions.len()) as u64,
+        "track",
+    );
+    let mut rows = Vec::new();
+    for (reserved, populated) in cases {
+        let region = Arc::new(Region::new(MemoryKind::Anon, reserved as usize)?);
+        let pages = populated_pages(reserved, populated, args.scatter && reserved != populated);
+        for &o in &pages {
+            region.write_u64(o, 1)?;
+        }
+        for &b in &args.backends {
+            let backend = Backend::from(b);
+            let t = Instant::now();
+            let mut tracker = DirtyTracker::start(vec![region.clone()], Some(backend))?;
+            let arm_ms = t.elapsed().as_secs_f64() * 1e3;
+            for &f in &args.fractions {
+                let n = ((pages.len() as f64 * f) as usize).max(1);
+                let step = pages.len() / n;
+                let dirty: Vec<usize> =
+                    pages.iter().step_by(step.max(1)).take(n).copied().collect();
+                let tracked = time_writes(&region, &dirty, 2)?;
+                let again = time_writes(&region, &dirty, 3)?;
+                let t = Instant::now();
+                let (_, stats) = tracker.collect()?;
+                let collect = t.elapsed().as_secs_f64();
+                rows.push(TrackRow {
+                    reserved,
+                    populated,
+                    backend,
+                    fraction: f,
+                    pages_dirtied: dirty.len() as u64,
+                    arm_ms,
+                    write_cost_us: (tracked - again).max(0.0) / dirty.len() as f64 * 1e6,
+                    collect_ms: collect * 1e3,
+                    pages_reported: stats.dirty_bytes / 4096,
+                });
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+fn gib(b: u64) -> String {
+    if b >= 1 << 40 {
+        format!("{} TiB", b >> 40)
+    } else {
+        format!("{} GiB", b >> 30)
+    }
+}
+
+pub fn render(rows: &[TrackRow]) -> String {
+    let mut t = Table::new([
+        "reserved",
+        "populated",
+        "backend",
+        "dirty",
+        "pages",
+        "arm ms",
+        "µs per tracked write",
+        "collect ms",
+        "reported",
+    ]);
+    for r in rows {
+        t.row([
+            gib(r.reserved),
+            gib(r.populated),
+            format!("{:?}", r.backend),
+            format!("{}%", r.fraction * 100.0),
+            r.pages_dirtied.to_string(),
+            format!("{:.1}", r.arm_ms),
+            format!("{:.2}", r.write_cost_us),
+            format!("{:.2}", r.collect_ms),
+            r.pages_reported.to_string(),
+        ]);
+    }
+    t.render()
+}
