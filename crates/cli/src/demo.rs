@@ -60,6 +60,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         snapshot_handlers: 1,
         checkpoint_every: None,
         checkpoint_dir: None,
+        tracker: crate::vm::TrackerArg::Auto,
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -95,6 +96,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         snapshot_handlers: 1,
         checkpoint_every: Some(15_000),
         checkpoint_dir: Some(ck.clone()),
+        tracker: crate::vm::TrackerArg::Auto,
         json,
     })?;
     if code != ExitCode::SUCCESS {

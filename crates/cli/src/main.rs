@@ -134,16 +134,26 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
-        Command::Bench(BenchCommand::Track(args)) => bench::track::run(&args).map(|rows| {
+        Command::Bench(BenchCommand::Track(args)) => bench::track::run(&args).and_then(|rows| {
+            let vm_rows = if args.no_vm {
+                Vec::new()
+            } else {
+                bench::track::run_vm(args.json)?
+            };
             if args.json {
-                match serde_json::to_string_pretty(&rows) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("error: {e}"),
-                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"regions": rows, "test_vm": vm_rows})
+                    )?
+                );
             } else {
                 print!("{}", bench::track::render(&rows));
+                if !vm_rows.is_empty() {
+                    print!("\n{}", bench::track::render_vm(&vm_rows));
+                }
             }
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }),
         Command::Vm(VmCommand::Run(args)) => vm::run(&args),
         Command::Vm(VmCommand::Resume(args)) => vm::resume(&args),

@@ -84,12 +84,66 @@ pub struct RunArgs {
     /// Directory for the checkpoint chain (created; existing images are never overwritten).
     #[arg(long, requires = "checkpoint_every")]
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// How checkpoints find written pages.
+    #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
+    pub tracker: TrackerArg,
     /// Threads serving write-protect faults during the snapshot.
     #[arg(long, default_value_t = 1)]
     pub snapshot_handlers: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Dirty-tracking backend for checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrackerArg {
+    /// The best userfaultfd backend the kernel offers (WP_ASYNC + PAGEMAP_SCAN).
+    Auto,
+    /// Async write-protect with PAGEMAP_SCAN.
+    WpAsync,
+    /// Synchronous write-protect with a handler thread.
+    SyncWp,
+    /// KVM's dirty log (KVM_GET_DIRTY_LOG), what VMMs use today.
+    KvmDirtyLog,
+}
+
+impl TrackerArg {
+    fn backend(self) -> Option<livepage_track::Backend> {
+        match self {
+            TrackerArg::WpAsync => Some(livepage_track::Backend::WpAsync),
+            TrackerArg::SyncWp => Some(livepage_track::Backend::SyncWp),
+            _ => None,
+        }
+    }
+}
+
+/// A collect through KVM's dirty log (guest writes only; the VM is paused).
+fn kvm_collect(
+    vm: &TestVm,
+) -> anyhow::Result<(
+    Vec<livepage_track::DirtyRegion>,
+    livepage_track::CollectStats,
+)> {
+    let t0 = Instant::now();
+    let bitmap = vm.dirty_log()?;
+    let mut ranges = livepage_mem::RangeSet::new();
+    for (i, w) in bitmap.iter().enumerate() {
+        let mut b = *w;
+        while b != 0 {
+            let bit = b.trailing_zeros() as u64;
+            let page = i as u64 * 64 + bit;
+            ranges.insert(page * 4096, (page + 1) * 4096);
+            b &= b - 1;
+        }
+    }
+    let stats = livepage_track::CollectStats {
+        dirty_bytes: ranges.total(),
+        ranges: ranges.len(),
+        scan_calls: 1,
+        duration: t0.elapsed(),
+    };
+    Ok((vec![livepage_track::DirtyRegion { ranges }], stats))
 }
 
 #[derive(Debug, Args)]
@@ -231,7 +285,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             format!("allocating {} MiB of {kind} guest memory", spec.ram >> 20)
         })?);
     prepare_memory(&region, &spec)?;
-    let mut vm = TestVm::new(region.clone(), spec, VmOptions::default())?;
+    let kvm_log = args.checkpoint_every.is_some() && args.tracker == TrackerArg::KvmDirtyLog;
+    let mut vm = TestVm::new(region.clone(), spec, VmOptions { dirty_log: kvm_log })?;
     let slice_pages = livepage_testvm::layout::slice(spec.ram, spec.vcpus, 0).1;
     let total_steps = spec.workload.steps(slice_pages) * u64::from(spec.vcpus);
     let bar = crate::bench::progress(total_steps, "guest steps");
@@ -268,8 +323,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             bail!("--checkpoint-every must be at least 1");
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tracker = livepage_track::DirtyTracker::start(vec![region.clone()], None)
-            .context("starting dirty tracking")?;
+        let mut tracker = match args.tracker {
+            TrackerArg::KvmDirtyLog => {
+                // Start the log from now: the base image covers everything before.
+                vm.dirty_log()?;
+                None
+            }
+            t => Some(
+                livepage_track::DirtyTracker::start(vec![region.clone()], t.backend())
+                    .context("starting dirty tracking")?,
+            ),
+        };
         let mut parent: Option<livepage_image::ImageId> = None;
         let mut k = 1;
         loop {
@@ -280,7 +344,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             }
             let paused = Instant::now();
             let state = vm.save()?.to_bytes();
-            let (dirty, cstats) = tracker.collect()?;
+            let (dirty, cstats) = match tracker.as_mut() {
+                Some(t) => t.collect()?,
+                None => kvm_collect(&vm)?,
+            };
             let path = dir.join(format!("checkpoint-{k:04}.img"));
             let delta = parent.map(|p| (dirty.as_slice(), p));
             let (id, stats) = livepage_track::write_checkpoint(

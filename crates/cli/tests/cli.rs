@@ -360,3 +360,44 @@ fn checkpoint_chain_resume_merge_and_broken_chain() {
         );
     }
 }
+
+/// Checkpoints through the synchronous write-protect backend and through
+/// KVM's dirty log give chains that resume to the same checksum.
+#[test]
+fn checkpoint_chains_with_every_tracker() {
+    if !kvm_ok() {
+        return;
+    }
+    for tracker in ["sync-wp", "kvm-dirty-log"] {
+        let dir = tempfile::tempdir().unwrap();
+        let v = json(
+            &livepage()
+                .args([
+                    "vm",
+                    "run",
+                    "--mem",
+                    "64M",
+                    "--iterations",
+                    "12000",
+                    "--checkpoint-every",
+                    "4000",
+                    "--json",
+                    "--tracker",
+                    tracker,
+                    "--checkpoint-dir",
+                ])
+                .arg(dir.path())
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(v["matches_reference"], true);
+        let r = json(
+            &livepage()
+                .args(["vm", "resume", "--json"])
+                .arg(dir.path().join("checkpoint-0002.img"))
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(r["matches_reference"], true, "{tracker}: {r}");
+    }
+}

@@ -55,6 +55,9 @@ pub struct TrackArgs {
     /// Backends.
     #[arg(long, value_delimiter = ',', value_enum, default_values_t = [BackendArg::WpAsync, BackendArg::SyncWp])]
     pub backends: Vec<BackendArg>,
+    /// Skip the test-VM comparison (which includes KVM's dirty log).
+    #[arg(long)]
+    pub no_vm: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -187,6 +190,124 @@ pub fn render(rows: &[TrackRow]) -> String {
             format!("{:.2}", r.write_cost_us),
             format!("{:.2}", r.collect_ms),
             r.pages_reported.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// One row of the test-VM comparison: the guest's run time with collects
+/// every `every` steps through one tracker, against no tracking.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmTrackRow {
+    pub tracker: String,
+    pub run_seconds: f64,
+    pub slowdown: f64,
+    pub collects: usize,
+    pub mean_collect_ms: f64,
+    pub mean_dirty_kib: f64,
+}
+
+/// The guest dirties memory through KVM; every tracker, KVM's dirty log
+/// included, sees the same writes.
+pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
+    use livepage_testvm::{RunControl, RunOutcome, TestVm, VmOptions, VmSpec, Workload};
+    livepage_testvm::check_host()?;
+    let spec = VmSpec {
+        ram: 256 << 20,
+        vcpus: 2,
+        workload: Workload::Dirty {
+            seed: 3,
+            iterations: 60_000,
+        },
+    };
+    let every = 6_000;
+    let mut rows: Vec<VmTrackRow> = Vec::new();
+    for tracker in ["none", "wp-async", "sync-wp", "kvm-dirty-log"] {
+        let region = Arc::new(Region::new(MemoryKind::Anon, spec.ram as usize)?);
+        livepage_testvm::prepare_memory(&region, &spec)?;
+        let mut vm = TestVm::new(
+            region.clone(),
+            spec,
+            VmOptions {
+                dirty_log: tracker == "kvm-dirty-log",
+            },
+        )?;
+        let mut uffd = match tracker {
+            "wp-async" => Some(DirtyTracker::start(
+                vec![region.clone()],
+                Some(Backend::WpAsync),
+            )?),
+            "sync-wp" => Some(DirtyTracker::start(
+                vec![region.clone()],
+                Some(Backend::SyncWp),
+            )?),
+            _ => None,
+        };
+        if tracker == "kvm-dirty-log" {
+            vm.dirty_log()?;
+        }
+        let (mut collect_s, mut dirty, mut n) = (0.0, 0u64, 0usize);
+        let t0 = Instant::now();
+        let mut k = 1;
+        loop {
+            let stop = (tracker != "none").then_some(k * every);
+            if vm.run(&RunControl::new(spec.vcpus, stop))? == RunOutcome::Finished {
+                break;
+            }
+            let t = Instant::now();
+            dirty += match (&mut uffd, tracker) {
+                (Some(t), _) => t.collect()?.1.dirty_bytes,
+                (None, "kvm-dirty-log") => vm
+                    .dirty_log()?
+                    .iter()
+                    .map(|w| u64::from(w.count_ones()) * 4096)
+                    .sum(),
+                _ => 0,
+            };
+            collect_s += t.elapsed().as_secs_f64();
+            n += 1;
+            k += 1;
+        }
+        let run = t0.elapsed().as_secs_f64();
+        let base = rows.first().map_or(run, |r| r.run_seconds);
+        rows.push(VmTrackRow {
+            tracker: tracker.into(),
+            run_seconds: run,
+            slowdown: run / base,
+            collects: n,
+            mean_collect_ms: if n > 0 {
+                collect_s / n as f64 * 1e3
+            } else {
+                0.0
+            },
+            mean_dirty_kib: if n > 0 {
+                dirty as f64 / n as f64 / 1024.0
+            } else {
+                0.0
+            },
+        });
+    }
+    let _ = json;
+    Ok(rows)
+}
+
+pub fn render_vm(rows: &[VmTrackRow]) -> String {
+    let mut t = Table::new([
+        "tracker (test VM, 2 vCPUs, 256 MiB)",
+        "guest run s",
+        "vs untracked",
+        "collects",
+        "mean collect ms",
+        "mean dirty KiB",
+    ]);
+    for r in rows {
+        t.row([
+            r.tracker.clone(),
+            format!("{:.2}", r.run_seconds),
+            format!("{:.2}x", r.slowdown),
+            r.collects.to_string(),
+            format!("{:.2}", r.mean_collect_ms),
+            format!("{:.0}", r.mean_dirty_kib),
         ]);
     }
     t.render()
