@@ -222,7 +222,10 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
     };
     let every = 6_000;
     let mut rows: Vec<VmTrackRow> = Vec::new();
-    for tracker in ["none", "wp-async", "sync-wp", "kvm-dirty-log"] {
+    // The first run of a process pays for fresh host memory: warm up untimed.
+    // Each tracker then runs twice (in turn, so drift spreads) and keeps its best.
+    let order = ["warm-up", "none", "wp-async", "sync-wp", "kvm-dirty-log", "none", "wp-async", "sync-wp", "kvm-dirty-log"];
+    for tracker in order {
         let region = Arc::new(Region::new(MemoryKind::Anon, spec.ram as usize)?);
         livepage_testvm::prepare_memory(&region, &spec)?;
         let mut vm = TestVm::new(
@@ -250,7 +253,7 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
         let t0 = Instant::now();
         let mut k = 1;
         loop {
-            let stop = (tracker != "none").then_some(k * every);
+            let stop = (tracker != "none" && tracker != "warm-up").then_some(k * every);
             if vm.run(&RunControl::new(spec.vcpus, stop))? == RunOutcome::Finished {
                 break;
             }
@@ -269,11 +272,19 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
             k += 1;
         }
         let run = t0.elapsed().as_secs_f64();
-        let base = rows.first().map_or(run, |r| r.run_seconds);
+        if tracker == "warm-up" {
+            continue;
+        }
+        if let Some(prev) = rows.iter_mut().find(|r| r.tracker == tracker) {
+            if run < prev.run_seconds {
+                prev.run_seconds = run;
+            }
+            continue;
+        }
         rows.push(VmTrackRow {
             tracker: tracker.into(),
             run_seconds: run,
-            slowdown: run / base,
+            slowdown: 0.0,
             collects: n,
             mean_collect_ms: if n > 0 {
                 collect_s / n as f64 * 1e3
@@ -288,6 +299,10 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
         });
     }
     let _ = json;
+    let base = rows.first().map_or(1.0, |r| r.run_seconds);
+    for r in &mut rows {
+        r.slowdown = r.run_seconds / base;
+    }
     Ok(rows)
 }
 
