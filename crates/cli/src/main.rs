@@ -97,43 +97,35 @@ enum VmCommand {
     Resume(vm::ResumeArgs),
 }
 
+/// Prints benchmark rows as JSON or as the table `render` makes.
+fn report<T: serde::Serialize>(
+    json: bool,
+    rows: &T,
+    render: impl FnOnce() -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        print!("{}", render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe { json } => probe::run(json),
-        Command::Bench(BenchCommand::Faults(args)) => bench::faults::run(&args).map(|rows| {
-            if args.json {
-                match serde_json::to_string_pretty(&rows) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("error: {e}"),
-                }
-            } else {
-                print!("{}", bench::faults::render(&rows));
-            }
-            ExitCode::SUCCESS
-        }),
-        Command::Bench(BenchCommand::DemandPaging(args)) => bench::demand::run(&args).map(|rows| {
-            if args.json {
-                match serde_json::to_string_pretty(&rows) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("error: {e}"),
-                }
-            } else {
-                print!("{}", bench::demand::render(&rows));
-            }
-            ExitCode::SUCCESS
-        }),
-        Command::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::run(&args).map(|rows| {
-            if args.json {
-                match serde_json::to_string_pretty(&rows) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => eprintln!("error: {e}"),
-                }
-            } else {
-                print!("{}", bench::snapshot::render(&rows, args.writers));
-            }
-            ExitCode::SUCCESS
-        }),
+        Command::Bench(BenchCommand::Faults(args)) => bench::faults::run(&args)
+            .and_then(|rows| report(args.json, &rows, || bench::faults::render(&rows))),
+        Command::Bench(BenchCommand::DemandPaging(args)) => bench::demand::run(&args)
+            .and_then(|rows| report(args.json, &rows, || bench::demand::render(&rows))),
+        Command::Bench(BenchCommand::Snapshot(args)) => {
+            bench::snapshot::run(&args).and_then(|rows| {
+                report(args.json, &rows, || {
+                    bench::snapshot::render(&rows, args.writers)
+                })
+            })
+        }
         Command::Bench(BenchCommand::Track(args)) => bench::track::run(&args).and_then(|rows| {
             let vm_rows = if args.no_vm {
                 Vec::new()

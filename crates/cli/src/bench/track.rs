@@ -224,7 +224,17 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
     let mut rows: Vec<VmTrackRow> = Vec::new();
     // The first run of a process pays for fresh host memory: warm up untimed.
     // Each tracker then runs twice (in turn, so drift spreads) and keeps its best.
-    let order = ["warm-up", "none", "wp-async", "sync-wp", "kvm-dirty-log", "none", "wp-async", "sync-wp", "kvm-dirty-log"];
+    let order = [
+        "warm-up",
+        "none",
+        "wp-async",
+        "sync-wp",
+        "kvm-dirty-log",
+        "none",
+        "wp-async",
+        "sync-wp",
+        "kvm-dirty-log",
+    ];
     for tracker in order {
         let region = Arc::new(Region::new(MemoryKind::Anon, spec.ram as usize)?);
         livepage_testvm::prepare_memory(&region, &spec)?;
