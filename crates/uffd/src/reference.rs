@@ -159,3 +159,175 @@ pub fn wait_child(pid: i32) -> Result<bool, crate::Errno> {
         }
     }
 }
+
+/// The mprotect + SIGSEGV dirty-tracking peer (what userspace did before
+/// userfaultfd write-protect): the range is made read-only; the first write
+/// to a page raises SIGSEGV, whose handler records the page and makes it
+/// writable again. Each re-protected page run is its own VMA, so collects fail
+/// with ENOMEM once `vm.max_map_count` is reached. One tracker per process.
+#[derive(Debug)]
+pub struct MprotectTracker {
+    base: usize,
+    len: usize,
+    _bits: Box<[std::sync::atomic::AtomicU64]>,
+    old: libc::sigaction,
+}
+
+static MP_BASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MP_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MP_BITS: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU64> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+static MP_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn mp_handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    use std::sync::atomic::Ordering;
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let (base, len) = (
+        MP_BASE.load(Ordering::Acquire),
+        MP_LEN.load(Ordering::Acquire),
+    );
+    let bits = MP_BITS.load(Ordering::Acquire);
+    if bits.is_null() || addr < base || addr >= base + len {
+        // Not ours: restore the default action; returning re-executes the access
+        // and the process dies as it would have.
+        // SAFETY: signal() is async-signal-safe.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        return;
+    }
+    let page = (addr - base) / 4096;
+    // SAFETY: mprotect is async-signal-safe; the page lies inside the tracked range.
+    let r = unsafe {
+        libc::mprotect(
+            (base + page * 4096) as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if r < 0 {
+        // Out of VMAs (vm.max_map_count): tracking cannot go on. Make the whole
+        // range writable (one VMA again) so the program continues, and say so.
+        MP_FAILED.store(true, Ordering::Release);
+        // SAFETY: as above, over the whole tracked range.
+        unsafe {
+            libc::mprotect(
+                base as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+    }
+    // SAFETY: `bits` points to len/4096/64 words that live while the tracker does.
+    unsafe { (*bits.add(page / 64)).fetch_or(1 << (page % 64), Ordering::AcqRel) };
+}
+
+impl MprotectTracker {
+    /// Starts tracking `[base, base+len)` (page aligned, memory of the caller's
+    /// that is only accessed through raw pointers).
+    pub fn start(base: usize, len: usize) -> Result<MprotectTracker, crate::Errno> {
+        use std::sync::atomic::Ordering;
+        if !MP_BITS.load(Ordering::Acquire).is_null() {
+            return Err(crate::Errno::BUSY);
+        }
+        let words = (len / 4096).div_ceil(64);
+        let mut bits: Box<[std::sync::atomic::AtomicU64]> = (0..words)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        MP_BASE.store(base, Ordering::Release);
+        MP_LEN.store(len, Ordering::Release);
+        MP_FAILED.store(false, Ordering::Release);
+        MP_BITS.store(bits.as_mut_ptr(), Ordering::Release);
+        // SAFETY: zeroed sigaction is a valid starting point; the handler is an
+        // `extern "C"` fn of the SA_SIGINFO signature.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = mp_handler as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: zeroed is a valid value for the out-parameter.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both structs are valid for the call.
+        if unsafe { libc::sigaction(libc::SIGSEGV, &act, &mut old) } < 0 {
+            MP_BITS.store(std::ptr::null_mut(), Ordering::Release);
+            return Err(crate::Errno::last());
+        }
+        let t = MprotectTracker {
+            base,
+            len,
+            _bits: bits,
+            old,
+        };
+        // SAFETY: the caller's range; read-only only turns its writes into the
+        // faults the handler resolves.
+        if unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ) } < 0 {
+            return Err(crate::Errno::last());
+        }
+        Ok(t)
+    }
+
+    /// Returns the pages written since the previous collect and makes them
+    /// read-only again (runs of pages in one call each). Fails with ENOMEM when
+    /// the re-protected runs need more VMAs than `vm.max_map_count` allows.
+    pub fn collect(&self) -> Result<Vec<usize>, crate::Errno> {
+        use std::sync::atomic::Ordering;
+        if MP_FAILED.load(Ordering::Acquire) {
+            return Err(crate::Errno::NOMEM);
+        }
+        let bits = MP_BITS.load(Ordering::Acquire);
+        let words = (self.len / 4096).div_ceil(64);
+        let mut pages = Vec::new();
+        for i in 0..words {
+            // SAFETY: `bits` has `words` entries (allocated in start).
+            let mut w = unsafe { (*bits.add(i)).swap(0, Ordering::AcqRel) };
+            while w != 0 {
+                pages.push(i * 64 + w.trailing_zeros() as usize);
+                w &= w - 1;
+            }
+        }
+        let mut k = 0;
+        while k < pages.len() {
+            let mut e = k + 1;
+            while e < pages.len() && pages[e] == pages[e - 1] + 1 {
+                e += 1;
+            }
+            // SAFETY: a run of pages inside the tracked range.
+            let r = unsafe {
+                libc::mprotect(
+                    (self.base + pages[k] * 4096) as *mut libc::c_void,
+                    (e - k) * 4096,
+                    libc::PROT_READ,
+                )
+            };
+            if r < 0 {
+                let e = crate::Errno::last();
+                MP_FAILED.store(true, Ordering::Release);
+                // SAFETY: the tracked range, back to one writable VMA.
+                unsafe {
+                    libc::mprotect(
+                        self.base as *mut libc::c_void,
+                        self.len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                return Err(e);
+            }
+            k = e;
+        }
+        Ok(pages)
+    }
+}
+
+impl Drop for MprotectTracker {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        // SAFETY: restores the range's protection and the previous handler.
+        unsafe {
+            libc::mprotect(
+                self.base as *mut libc::c_void,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            );
+            libc::sigaction(libc::SIGSEGV, &self.old, std::ptr::null_mut());
+        }
+        MP_BITS.store(std::ptr::null_mut(), Ordering::Release);
+    }
+}

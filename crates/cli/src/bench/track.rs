@@ -24,14 +24,37 @@ pub enum BackendArg {
     WpAsync,
     /// Synchronous write-protect with a handler thread.
     SyncWp,
+    /// The old way: mprotect read-only and a SIGSEGV handler (reference).
+    Mprotect,
 }
 
-impl From<BackendArg> for Backend {
-    fn from(b: BackendArg) -> Backend {
-        match b {
-            BackendArg::WpAsync => Backend::WpAsync,
-            BackendArg::SyncWp => Backend::SyncWp,
+impl BackendArg {
+    fn backend(self) -> Option<Backend> {
+        match self {
+            BackendArg::WpAsync => Some(Backend::WpAsync),
+            BackendArg::SyncWp => Some(Backend::SyncWp),
+            BackendArg::Mprotect => None,
         }
+    }
+}
+
+/// Either tracker behind one collect call.
+enum AnyTracker {
+    Uffd(DirtyTracker),
+    Mprotect(livepage_uffd::reference::MprotectTracker),
+}
+
+impl AnyTracker {
+    fn collect(&mut self) -> anyhow::Result<u64> {
+        Ok(match self {
+            AnyTracker::Uffd(t) => t.collect()?.1.dirty_bytes / 4096,
+            AnyTracker::Mprotect(t) => t
+                .collect()
+                .map_err(|e| {
+                    anyhow::anyhow!("mprotect collect failed: {e} (out of VMAs: vm.max_map_count)")
+                })?
+                .len() as u64,
+        })
     }
 }
 
@@ -53,7 +76,7 @@ pub struct TrackArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [0.001f64, 0.01, 0.1])]
     pub fractions: Vec<f64>,
     /// Backends.
-    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [BackendArg::WpAsync, BackendArg::SyncWp])]
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [BackendArg::WpAsync, BackendArg::SyncWp, BackendArg::Mprotect])]
     pub backends: Vec<BackendArg>,
     /// Skip the test-VM comparison (which includes KVM's dirty log).
     #[arg(long)]
@@ -67,7 +90,7 @@ pub struct TrackArgs {
 pub struct TrackRow {
     pub reserved: u64,
     pub populated: u64,
-    pub backend: Backend,
+    pub backend: String,
     pub fraction: f64,
     pub pages_dirtied: u64,
     pub arm_ms: f64,
@@ -75,6 +98,8 @@ pub struct TrackRow {
     pub write_cost_us: f64,
     pub collect_ms: f64,
     pub pages_reported: u64,
+    /// Why the collect failed, if it did (mprotect runs out of VMAs).
+    pub error: Option<String>,
 }
 
 /// Offsets of the populated 4 KiB pages: contiguous for a full region, or
@@ -126,9 +151,16 @@ pub fn run(args: &TrackArgs) -> anyhow::Result<Vec<TrackRow>> {
             region.write_u64(o, 1)?;
         }
         for &b in &args.backends {
-            let backend = Backend::from(b);
             let t = Instant::now();
-            let mut tracker = DirtyTracker::start(vec![region.clone()], Some(backend))?;
+            let mut tracker = match b.backend() {
+                Some(backend) => {
+                    AnyTracker::Uffd(DirtyTracker::start(vec![region.clone()], Some(backend))?)
+                }
+                None => AnyTracker::Mprotect(
+                    livepage_uffd::reference::MprotectTracker::start(region.addr(), region.len())
+                        .map_err(|e| anyhow::anyhow!("mprotect tracking: {e}"))?,
+                ),
+            };
             let arm_ms = t.elapsed().as_secs_f64() * 1e3;
             for &f in &args.fractions {
                 let n = ((pages.len() as f64 * f) as usize).max(1);
@@ -138,20 +170,28 @@ pub fn run(args: &TrackArgs) -> anyhow::Result<Vec<TrackRow>> {
                 let tracked = time_writes(&region, &dirty, 2)?;
                 let again = time_writes(&region, &dirty, 3)?;
                 let t = Instant::now();
-                let (_, stats) = tracker.collect()?;
+                let (reported, error) = match tracker.collect() {
+                    Ok(n) => (n, None),
+                    Err(e) => (0, Some(e.to_string())),
+                };
                 let collect = t.elapsed().as_secs_f64();
                 rows.push(TrackRow {
                     reserved,
                     populated,
-                    backend,
+                    backend: format!("{b:?}"),
                     fraction: f,
                     pages_dirtied: dirty.len() as u64,
                     arm_ms,
                     write_cost_us: (tracked - again).max(0.0) / dirty.len() as f64 * 1e6,
                     collect_ms: collect * 1e3,
-                    pages_reported: stats.dirty_bytes / 4096,
+                    pages_reported: reported,
+                    error,
                 });
                 bar.inc(1);
+                if rows.last().is_some_and(|r| r.error.is_some()) {
+                    // The range is left partly read-only: later fractions would not mean much.
+                    break;
+                }
             }
         }
     }
@@ -183,13 +223,15 @@ pub fn render(rows: &[TrackRow]) -> String {
         t.row([
             gib(r.reserved),
             gib(r.populated),
-            format!("{:?}", r.backend),
+            r.backend.clone(),
             format!("{}%", r.fraction * 100.0),
             r.pages_dirtied.to_string(),
             format!("{:.1}", r.arm_ms),
             format!("{:.2}", r.write_cost_us),
             format!("{:.2}", r.collect_ms),
-            r.pages_reported.to_string(),
+            r.error
+                .clone()
+                .map_or(r.pages_reported.to_string(), |e| format!("FAILED: {e}")),
         ]);
     }
     t.render()
