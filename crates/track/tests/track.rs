@@ -164,3 +164,52 @@ fn exact_pages_and_sparse_reservations() {
         stats.duration
     );
 }
+
+/// Pre-copy rounds while a writer runs, then a final round with the writer
+/// stopped: the copy built from the rounds equals memory (what migration
+/// relies on).
+#[test]
+fn precopy_rounds_converge_to_memory() {
+    if !usable("track_precopy", Backend::WpAsync) {
+        return;
+    }
+    let pages = 512usize;
+    let r = Arc::new(Region::new(MemoryKind::Anon, pages * 4096).unwrap());
+    r.fill(0, r.len(), 7).unwrap();
+    let mut t = DirtyTracker::start(vec![r.clone()], None).unwrap();
+    let mut copy = vec![0u8; r.len()];
+    r.read(0, &mut copy).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (r, stop) = (r.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                r.write_u64((i as usize * 7919 % pages) * 4096 + 64, i)
+                    .unwrap();
+            }
+        })
+    };
+    let mut sent = 0usize;
+    for _ in 0..5 {
+        t.precopy_round(|_, off, bytes| {
+            copy[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+            sent += bytes.len();
+            Ok(())
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    t.precopy_round(|_, off, bytes| {
+        copy[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    })
+    .unwrap();
+    let mut now = vec![0u8; r.len()];
+    r.read(0, &mut now).unwrap();
+    assert!(copy == now, "the pre-copied memory differs from memory");
+    assert!(sent > 0);
+}
