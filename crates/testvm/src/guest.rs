@@ -74,20 +74,15 @@ fn report(a: &mut CodeAssembler, port: u16, count: AsmRegister64) -> Result<(), 
     Ok(())
 }
 
-/// for i in 0..pages: [base + i*4096] = i | vcpu<<48
-fn touch(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    let mut top = a.create_label();
-    let mut done = a.create_label();
+/// The common loop tail: counts the step in r10, reports progress every
+/// [`PROGRESS_EVERY`] steps, jumps back to `top`; at `done` reports the final
+/// count and halts.
+fn step_and_loop(
+    a: &mut CodeAssembler,
+    top: CodeLabel,
+    mut done: CodeLabel,
+) -> Result<(), IcedError> {
     let mut skip = a.create_label();
-    a.xor(r10, r10)?;
-    a.mov(rbx, rdi)?;
-    a.set_label(&mut top)?;
-    a.cmp(r10, rsi)?;
-    a.jae(done)?;
-    a.mov(rax, r10)?;
-    a.or(rax, r8)?;
-    a.mov(qword_ptr(rbx), rax)?;
-    a.add(rbx, 4096)?;
     a.inc(r10)?;
     a.test(r10d, PROGRESS_EVERY - 1)?;
     a.jnz(skip)?;
@@ -100,6 +95,22 @@ fn touch(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// for i in 0..pages: [base + i*4096] = i | vcpu<<48
+fn touch(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut top = a.create_label();
+    let done = a.create_label();
+    a.xor(r10, r10)?;
+    a.mov(rbx, rdi)?;
+    a.set_label(&mut top)?;
+    a.cmp(r10, rsi)?;
+    a.jae(done)?;
+    a.mov(rax, r10)?;
+    a.or(rax, r8)?;
+    a.mov(qword_ptr(rbx), rax)?;
+    a.add(rbx, 4096)?;
+    step_and_loop(a, top, done)
+}
+
 /// for seq in 0..iterations:
 ///   state = xorshift64(state)
 ///   page = ((state >> 32) * pages) >> 32; word = state & 511
@@ -107,8 +118,7 @@ fn touch(a: &mut CodeAssembler) -> Result<(), IcedError> {
 ///   [..] = rol(w, 13) ^ (vcpu<<48 | seq) + state
 fn dirty(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut top = a.create_label();
-    let mut done = a.create_label();
-    let mut skip = a.create_label();
+    let done = a.create_label();
     a.xor(r10, r10)?;
     a.set_label(&mut top)?;
     a.cmp(r10, rcx)?;
@@ -141,14 +151,5 @@ fn dirty(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.xor(rax, r12)?;
     a.add(rax, r11)?;
     a.mov(qword_ptr(rbx), rax)?;
-    a.inc(r10)?;
-    a.test(r10d, PROGRESS_EVERY - 1)?;
-    a.jnz(skip)?;
-    report(a, PORT_PROGRESS, r10)?;
-    a.set_label(&mut skip)?;
-    a.jmp(top)?;
-    a.set_label(&mut done)?;
-    report(a, PORT_DONE, r10)?;
-    a.hlt()?;
-    Ok(())
+    step_and_loop(a, top, done)
 }
