@@ -73,6 +73,9 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let code = crate::vm::resume(&crate::vm::ResumeArgs {
         image: image.clone(),
         memory: None,
+        lazy: false,
+        prefetch: crate::vm::PrefetchArg::Sequential,
+        handlers: 1,
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -106,6 +109,9 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let code = crate::vm::resume(&crate::vm::ResumeArgs {
         image: ck.join("checkpoint-0002.img"),
         memory: None,
+        lazy: true,
+        prefetch: crate::vm::PrefetchArg::Sequential,
+        handlers: 2,
         json,
     })?;
     let _ = std::fs::remove_dir_all(&dir);

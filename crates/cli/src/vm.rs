@@ -95,6 +95,15 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// Background prefetch policy of a lazy restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchArg {
+    /// Only demand faults place pages.
+    None,
+    /// Fill untouched pages in address order.
+    Sequential,
+}
+
 /// Dirty-tracking backend for checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TrackerArg {
@@ -153,6 +162,16 @@ pub struct ResumeArgs {
     /// Guest memory type (default: the one the image records).
     #[arg(long, value_enum)]
     pub memory: Option<MemoryArg>,
+    /// Restore lazily: the vCPUs start at once and pages arrive on first touch
+    /// (userfaultfd MISSING mode) while a background stream fills the rest.
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: prefetch untouched pages in the background.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Sequential)]
+    pub prefetch: PrefetchArg,
+    /// With --lazy: fault handler threads.
+    #[arg(long, default_value_t = 1)]
+    pub handlers: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -605,9 +624,27 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     };
     check_memory(&spec, kind)?;
     let t_load = Instant::now();
-    let region = load_eager(&chain, kind)?;
+    let mut lazy = None;
+    let region = if args.lazy {
+        let desc = chain.head().regions()[0];
+        let region = Arc::new(Region::new(kind, desc.len as usize)?);
+        let opts = livepage_restore::RestoreOptions {
+            handlers: args.handlers,
+            prefetch: args.prefetch == PrefetchArg::Sequential,
+        };
+        let source: Arc<dyn livepage_restore::PageSource> =
+            Arc::new(livepage_restore::ChainSource(chain));
+        lazy = Some(
+            livepage_restore::start(vec![region.clone()], source, opts)
+                .context("starting the lazy restore")?,
+        );
+        region
+    } else {
+        load_eager(&chain, kind)?
+    };
     let load = t_load.elapsed();
     let mut vm = TestVm::restore(region.clone(), &state, VmOptions::default())?;
+    let to_run = t_load.elapsed();
     let from = vm.progress();
     let slice_pages = livepage_testvm::layout::slice(spec.ram, spec.vcpus, 0).1;
     let bar = crate::bench::progress(
@@ -621,6 +658,10 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
+    let restore_stats = match lazy {
+        Some(r) => Some(r.wait().context("the lazy restore failed")?),
+        None => None,
+    };
     let sum = checksum(&region, spec.ram)?;
     let want = expected_checksum(spec.workload, spec.ram, spec.vcpus);
     let out = serde_json::json!({
@@ -628,6 +669,9 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         "memory": kind,
         "resumed_from_steps": from,
         "load_seconds": load.as_secs_f64(),
+        "lazy": args.lazy,
+        "seconds_until_vcpus_run": to_run.as_secs_f64(),
+        "restore": restore_stats,
         "run_seconds": seconds,
         "checksum": format!("{sum:016x}"),
         "expected_checksum": format!("{want:016x}"),
@@ -643,10 +687,32 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
             format!("{} MiB ({kind}), {} vCPUs", spec.ram >> 20, spec.vcpus),
         ]);
         t.row(["resumed at steps".to_string(), format!("{from:?}")]);
-        t.row([
-            "eager load".to_string(),
-            format!("{:.2} s", load.as_secs_f64()),
-        ]);
+        if let Some(st) = &restore_stats {
+            t.row([
+                "until the vCPUs run".to_string(),
+                format!("{:.2} ms (lazy)", to_run.as_secs_f64() * 1e3),
+            ]);
+            t.row([
+                "faults served".to_string(),
+                format!(
+                    "{} (p50 {:.1} µs, p99 {:.1} µs)",
+                    st.faults_served, st.fault_p50_us, st.fault_p99_us
+                ),
+            ]);
+            t.row([
+                "prefetched / zero-filled".to_string(),
+                format!("{} / {}", st.prefetched, st.zero_filled),
+            ]);
+            t.row([
+                "until fully resident".to_string(),
+                format!("{:.2} s", st.until_resident.as_secs_f64()),
+            ]);
+        } else {
+            t.row([
+                "eager load".to_string(),
+                format!("{:.2} s", load.as_secs_f64()),
+            ]);
+        }
         t.row(["run time".to_string(), format!("{seconds:.2} s")]);
         t.row(["checksum".to_string(), format!("{sum:016x}")]);
         t.row([
