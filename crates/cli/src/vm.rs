@@ -558,16 +558,6 @@ pub fn run_with_bar(
     Ok(outcome)
 }
 
-fn kind_of(code: u32) -> anyhow::Result<MemoryKind> {
-    Ok(match code {
-        livepage_image::kind::ANON => MemoryKind::Anon,
-        livepage_image::kind::THP => MemoryKind::Thp,
-        livepage_image::kind::SHMEM => MemoryKind::Shmem,
-        livepage_image::kind::HUGETLB => MemoryKind::Hugetlb,
-        other => bail!("the image records an unknown memory type {other}"),
-    })
-}
-
 /// Loads every page of region 0 of the chain into a new region (eager restore).
 pub fn load_eager(chain: &livepage_image::Chain, kind: MemoryKind) -> anyhow::Result<Arc<Region>> {
     let desc = chain.head().regions()[0];
@@ -615,7 +605,12 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let kind = match args.memory {
         Some(m) => MemoryKind::from(m),
-        None => kind_of(img.regions()[0].kind)?,
+        None => livepage_image::kind::memory(img.regions()[0].kind).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the image records an unknown memory type {}",
+                img.regions()[0].kind
+            )
+        })?,
     };
     let spec = VmSpec {
         ram: state.ram,

@@ -45,6 +45,27 @@ pub mod kind {
     pub const SHMEM: u32 = 2;
     /// hugetlbfs.
     pub const HUGETLB: u32 = 3;
+    /// The code of a memory type.
+    pub fn of(k: livepage_mem::MemoryKind) -> u32 {
+        use livepage_mem::MemoryKind;
+        match k {
+            MemoryKind::Anon => ANON,
+            MemoryKind::Thp => THP,
+            MemoryKind::Shmem => SHMEM,
+            MemoryKind::Hugetlb => HUGETLB,
+        }
+    }
+    /// The memory type of a code, if known.
+    pub fn memory(k: u32) -> Option<livepage_mem::MemoryKind> {
+        use livepage_mem::MemoryKind;
+        match k {
+            ANON => Some(MemoryKind::Anon),
+            THP => Some(MemoryKind::Thp),
+            SHMEM => Some(MemoryKind::Shmem),
+            HUGETLB => Some(MemoryKind::Hugetlb),
+            _ => None,
+        }
+    }
     /// The lower-case name of a code.
     pub fn name(k: u32) -> &'static str {
         match k {
@@ -91,6 +112,16 @@ pub struct RegionDesc {
 }
 
 impl RegionDesc {
+    /// Describes a region as it is now.
+    pub fn of(r: &livepage_mem::Region) -> RegionDesc {
+        RegionDesc {
+            base: r.addr() as u64,
+            len: r.len() as u64,
+            page_size: r.page_size() as u64,
+            kind: kind::of(r.kind()),
+        }
+    }
+
     /// Pages in the region.
     pub fn pages(&self) -> u64 {
         self.len / self.page_size

@@ -12,7 +12,9 @@ mod bitmap;
 pub mod hugetlb;
 mod rangeset;
 mod region;
+mod table;
 
 pub use bitmap::PageBitmap;
 pub use rangeset::RangeSet;
 pub use region::{MemoryKind, Region, RegionError};
+pub use table::{PagedRegion, RegionTable};

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livepage_mem::{PageBitmap, RangeSet, Region, RegionError};
+use livepage_mem::{PageBitmap, RangeSet, Region, RegionError, RegionTable};
 use livepage_uffd::poll::{EventFd, poll_readable};
 use livepage_uffd::{
     CopyMode, CreateError, Event, EventBuffer, Features, RangeError, RegisterMode, Resolved, Uffd,
@@ -147,17 +147,9 @@ pub struct RestoreStats {
     pub fault_p99_us: f64,
 }
 
-struct Tracked {
-    region: Arc<Region>,
-    first: u64,
-    pages: u64,
-    page_size: usize,
-}
-
 struct Shared {
     uffd: Uffd,
-    regions: Vec<Tracked>,
-    total: u64,
+    regions: RegionTable,
     claimed: PageBitmap,
     placed: AtomicU64,
     removed: Mutex<Vec<RangeSet>>,
@@ -183,7 +175,7 @@ pub struct Restore {
 impl std::fmt::Debug for Restore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Restore")
-            .field("pages", &self.shared.total)
+            .field("pages", &self.shared.regions.total())
             .finish_non_exhaustive()
     }
 }
@@ -219,23 +211,16 @@ pub fn start(
         .non_blocking(true)
         .features(features)
         .create()?;
-    let mut tracked = Vec::new();
-    let mut total = 0;
+    // On error the uffd is dropped, which unregisters what was registered.
     for r in &regions {
         r.register(&uffd, RegisterMode::MISSING)?;
-        tracked.push(Tracked {
-            region: r.clone(),
-            first: total,
-            pages: r.pages() as u64,
-            page_size: r.page_size(),
-        });
-        total += r.pages() as u64;
     }
+    let table = RegionTable::new(&regions);
+    let total = table.total();
     let shared = Arc::new(Shared {
         uffd,
         removed: Mutex::new(regions.iter().map(|_| RangeSet::new()).collect()),
-        regions: tracked,
-        total,
+        regions: table,
         claimed: PageBitmap::new(total as usize),
         placed: AtomicU64::new(0),
         source,
@@ -272,7 +257,7 @@ impl Restore {
     pub fn progress(&self) -> (u64, u64) {
         (
             self.shared.placed.load(Ordering::Relaxed),
-            self.shared.total,
+            self.shared.regions.total(),
         )
     }
 
@@ -285,7 +270,7 @@ impl Restore {
             }
             None => self.shared.prefetch_all(),
         }
-        while self.shared.placed.load(Ordering::Relaxed) < self.shared.total {
+        while self.shared.placed.load(Ordering::Relaxed) < self.shared.regions.total() {
             std::thread::sleep(Duration::from_millis(1));
         }
         let until_resident = self.started.elapsed();
@@ -343,12 +328,7 @@ impl Drop for Restore {
 
 impl Shared {
     fn locate(&self, addr: u64) -> Option<(usize, u64)> {
-        let i = self
-            .regions
-            .partition_point(|t| (t.region.addr() as u64) <= addr);
-        let t = self.regions.get(i.checked_sub(1)?)?;
-        let off = addr - t.region.addr() as u64;
-        (off < t.region.len() as u64).then(|| (i - 1, off / t.page_size as u64))
+        self.regions.locate(addr)
     }
 
     /// Places one claimed page. Returns whether it was zero-filled.
@@ -408,12 +388,7 @@ impl Shared {
     }
 
     fn handler_loop(&self, stop: &EventFd) {
-        let ps = self
-            .regions
-            .iter()
-            .map(|t| t.page_size)
-            .max()
-            .unwrap_or(4096);
+        let ps = self.regions.max_page_size();
         let mut buf = vec![0u8; ps];
         let mut events = EventBuffer::new(64);
         loop {
@@ -473,12 +448,7 @@ impl Shared {
     }
 
     fn prefetch_all(&self) {
-        let ps = self
-            .regions
-            .iter()
-            .map(|t| t.page_size)
-            .max()
-            .unwrap_or(4096);
+        let ps = self.regions.max_page_size();
         let mut buf = vec![0u8; ps];
         for (r, t) in self.regions.iter().enumerate() {
             for p in 0..t.pages {

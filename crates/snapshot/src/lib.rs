@@ -40,7 +40,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livepage_image::{ImageError, ImageId, ImageWriter, RegionDesc};
-use livepage_mem::{MemoryKind, PageBitmap, Region, RegionError};
+use livepage_mem::{MemoryKind, PageBitmap, Region, RegionError, RegionTable};
 use livepage_uffd::poll::{EventFd, poll_readable};
 use livepage_uffd::{
     CreateError, Event, EventBuffer, Features, RangeError, RegisterMode, Resolved, Uffd,
@@ -169,13 +169,6 @@ pub struct Progress {
     pub faults: u64,
 }
 
-struct Tracked {
-    region: Arc<Region>,
-    first: u64,
-    pages: u64,
-    page_size: usize,
-}
-
 #[derive(Default)]
 struct Counters {
     by_writer: AtomicU64,
@@ -217,8 +210,7 @@ impl Scratch {
 struct Shared {
     uffd: Uffd,
     canary: Region,
-    regions: Vec<Tracked>,
-    total: u64,
+    regions: RegionTable,
     claimed: PageBitmap,
     done: PageBitmap,
     done_count: AtomicU64,
@@ -252,15 +244,6 @@ impl std::fmt::Debug for Snapshot {
         f.debug_struct("Snapshot")
             .field("progress", &self.progress())
             .finish_non_exhaustive()
-    }
-}
-
-fn image_kind(k: MemoryKind) -> u32 {
-    match k {
-        MemoryKind::Anon => livepage_image::kind::ANON,
-        MemoryKind::Thp => livepage_image::kind::THP,
-        MemoryKind::Shmem => livepage_image::kind::SHMEM,
-        MemoryKind::Hugetlb => livepage_image::kind::HUGETLB,
     }
 }
 
@@ -301,7 +284,7 @@ pub struct Prepared {
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
-            .field("pages", &self.shared.total)
+            .field("pages", &self.shared.regions.total())
             .finish_non_exhaustive()
     }
 }
@@ -315,15 +298,7 @@ pub fn prepare(
     if regions.is_empty() {
         return Err(SnapshotError::Invalid("no regions to snapshot".into()));
     }
-    let descs: Vec<RegionDesc> = regions
-        .iter()
-        .map(|r| RegionDesc {
-            base: r.addr() as u64,
-            len: r.len() as u64,
-            page_size: r.page_size() as u64,
-            kind: image_kind(r.kind()),
-        })
-        .collect();
+    let descs: Vec<RegionDesc> = regions.iter().map(|r| RegionDesc::of(r)).collect();
     let image = ImageWriter::create(output, &descs, None)?;
     if let Some(v) = &opts.vm_state {
         image.set_vm_state(v.clone());
@@ -340,19 +315,9 @@ pub fn prepare(
     let canary = Region::new(MemoryKind::Anon, 4096)?;
     canary.fill(0, 4096, 1)?;
     canary.register(&uffd, RegisterMode::WP)?;
-    let mut tracked = Vec::new();
-    let mut total = 0;
-    for r in &regions {
-        let pages = r.pages() as u64;
-        tracked.push(Tracked {
-            region: r.clone(),
-            first: total,
-            pages,
-            page_size: r.page_size(),
-        });
-        total += pages;
-    }
-    let slot_size = tracked.iter().map(|t| t.page_size).max().unwrap_or(4096);
+    let table = RegionTable::new(&regions);
+    let total = table.total();
+    let slot_size = table.max_page_size();
     let nslots = opts.buffer_bytes / slot_size;
     let buffer = Buffer {
         slot_size,
@@ -374,8 +339,7 @@ pub fn prepare(
     let shared = Arc::new(Shared {
         uffd,
         canary,
-        regions: tracked,
-        total,
+        regions: table,
         claimed: PageBitmap::new(total as usize),
         done: PageBitmap::new(total as usize),
         done_count: AtomicU64::new(0),
@@ -489,7 +453,7 @@ impl Snapshot {
     pub fn progress(&self) -> Progress {
         let c = &self.shared.counters;
         Progress {
-            pages: self.shared.total,
+            pages: self.shared.regions.total(),
             saved: self.shared.done_count.load(Ordering::Relaxed),
             buffered_bytes: c.buffered.load(Ordering::Relaxed)
                 * self.shared.buffer.slot_size as u64,
@@ -531,8 +495,8 @@ impl Snapshot {
         let bytes_written = shared.image.bytes_written();
         let stats = SnapshotStats {
             image_id: ImageId::default(),
-            pages: shared.total,
-            data_pages: shared.total - zero,
+            pages: shared.regions.total(),
+            data_pages: shared.regions.total() - zero,
             zero_pages: zero,
             by_writer: c.by_writer.load(Ordering::Relaxed),
             by_fault_buffered: c.by_fault_buffered.load(Ordering::Relaxed),
@@ -620,12 +584,7 @@ impl Shared {
     }
 
     fn locate(&self, addr: u64) -> Option<(usize, u64)> {
-        let i = self
-            .regions
-            .partition_point(|t| (t.region.addr() as u64) <= addr);
-        let t = self.regions.get(i.checked_sub(1)?)?;
-        let off = addr - t.region.addr() as u64;
-        (off < t.region.len() as u64).then(|| (i - 1, off / t.page_size as u64))
+        self.regions.locate(addr)
     }
 
     fn mark_done(&self, g: u64) {
@@ -635,7 +594,7 @@ impl Shared {
     }
 
     fn page_addr(&self, r: usize, p: u64) -> usize {
-        self.regions[r].region.addr() + p as usize * self.regions[r].page_size
+        self.regions.page_addr(r, p)
     }
 
     /// Writes one claimed page straight to the image (or as a hole).
@@ -880,7 +839,9 @@ impl Shared {
                 .ok()
                 .and_then(|mut q| q.pop_front());
             let Some((g, s)) = next else { return Ok(()) };
-            let (r, _) = self.locate_global(g);
+            let Some((r, _)) = self.regions.locate_global(g) else {
+                continue;
+            };
             let ps = self.regions[r].page_size;
             {
                 let data = self.buffer.slots[s]
@@ -893,11 +854,6 @@ impl Shared {
                 f.push(s);
             }
         }
-    }
-
-    fn locate_global(&self, g: u64) -> (usize, u64) {
-        let i = self.regions.partition_point(|t| t.first <= g) - 1;
-        (i, g - self.regions[i].first)
     }
 
     fn writer_loop(&self) {
@@ -977,7 +933,7 @@ impl Shared {
         // From here on the writer never reads region memory.
         self.writer_parked.store(true, Ordering::SeqCst);
         // Wait for pages still being copied by handlers, then flush the buffer.
-        while self.done_count.load(Ordering::Relaxed) < self.total {
+        while self.done_count.load(Ordering::Relaxed) < self.regions.total() {
             if self.aborted() {
                 return Ok(());
             }

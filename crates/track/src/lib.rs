@@ -398,17 +398,7 @@ pub fn write_checkpoint(
     let t0 = Instant::now();
     let descs: Vec<livepage_image::RegionDesc> = regions
         .iter()
-        .map(|r| livepage_image::RegionDesc {
-            base: r.addr() as u64,
-            len: r.len() as u64,
-            page_size: r.page_size() as u64,
-            kind: match r.kind() {
-                livepage_mem::MemoryKind::Anon => livepage_image::kind::ANON,
-                livepage_mem::MemoryKind::Thp => livepage_image::kind::THP,
-                livepage_mem::MemoryKind::Shmem => livepage_image::kind::SHMEM,
-                livepage_mem::MemoryKind::Hugetlb => livepage_image::kind::HUGETLB,
-            },
-        })
+        .map(|r| livepage_image::RegionDesc::of(r))
         .collect();
     let w = livepage_image::ImageWriter::create(path, &descs, delta.map(|d| d.1))?;
     if let Some(v) = vm_state {
