@@ -388,6 +388,15 @@ impl Shared {
     }
 
     fn handler_loop(&self, stop: &EventFd) {
+        // Latencies stay thread-local on the fault path; merged when the handler stops.
+        let mut lat = Vec::with_capacity(4096);
+        self.serve(stop, &mut lat);
+        if let Ok(mut l) = self.latencies.lock() {
+            l.append(&mut lat);
+        }
+    }
+
+    fn serve(&self, stop: &EventFd, lat: &mut Vec<u64>) {
         let ps = self.regions.max_page_size();
         let mut buf = vec![0u8; ps];
         let mut events = EventBuffer::new(64);
@@ -420,9 +429,7 @@ impl Shared {
                             continue;
                         }
                         self.faults.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut l) = self.latencies.lock() {
-                            l.push(t0.elapsed().as_nanos() as u64);
-                        }
+                        lat.push(t0.elapsed().as_nanos() as u64);
                     }
                     Event::Remove { start, end } => {
                         // Discarded pages are answered with zeros from now on.
