@@ -67,15 +67,19 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     section(
-        "the live snapshot, verified and resumed in a new VM (eager load): same checksum as the uninterrupted run",
+        "the live snapshot, verified and resumed lazily in a new VM (minor mode: page cache filled through a second mapping, UFFDIO_CONTINUE): same checksum as the uninterrupted run",
     );
     crate::image_cmd::verify(&image, json)?;
     let code = crate::vm::resume(&crate::vm::ResumeArgs {
         image: image.clone(),
         memory: None,
-        lazy: false,
+        lazy: true,
+        mode: crate::vm::ModeArg::Minor,
         prefetch: crate::vm::PrefetchArg::Sequential,
-        handlers: 1,
+        handlers: 2,
+        uffds: 1,
+        working_set: None,
+        record_working_set: false,
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -110,8 +114,12 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         image: ck.join("checkpoint-0002.img"),
         memory: None,
         lazy: true,
+        mode: crate::vm::ModeArg::Missing,
         prefetch: crate::vm::PrefetchArg::Sequential,
         handlers: 2,
+        uffds: 2,
+        working_set: None,
+        record_working_set: false,
         json,
     })?;
     let _ = std::fs::remove_dir_all(&dir);

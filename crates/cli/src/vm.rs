@@ -100,8 +100,21 @@ pub struct RunArgs {
 pub enum PrefetchArg {
     /// Only demand faults place pages.
     None,
-    /// Fill untouched pages in address order.
+    /// Fill untouched pages in address order, following the latest fault.
     Sequential,
+    /// Replay the working set recorded on an earlier restore first
+    /// (--working-set), then as sequential.
+    Recorded,
+}
+
+/// How a lazy restore resolves faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// UFFDIO_COPY into empty memory (any memory type).
+    Missing,
+    /// Fill the page cache through a second mapping, map with UFFDIO_CONTINUE
+    /// (shmem, hugetlb).
+    Minor,
 }
 
 /// Dirty-tracking backend for checkpoints.
@@ -166,12 +179,25 @@ pub struct ResumeArgs {
     /// (userfaultfd MISSING mode) while a background stream fills the rest.
     #[arg(long)]
     pub lazy: bool,
+    /// With --lazy: missing (any memory) or minor (shmem/hugetlb) faults.
+    #[arg(long, value_enum, default_value_t = ModeArg::Missing)]
+    pub mode: ModeArg,
     /// With --lazy: prefetch untouched pages in the background.
     #[arg(long, value_enum, default_value_t = PrefetchArg::Sequential)]
     pub prefetch: PrefetchArg,
     /// With --lazy: fault handler threads.
     #[arg(long, default_value_t = 1)]
     pub handlers: usize,
+    /// With --lazy: userfaultfds (guest RAM is cut into this many slices).
+    #[arg(long, default_value_t = 1)]
+    pub uffds: usize,
+    /// The working set file read by --prefetch recorded and written by
+    /// --record-working-set (default: IMAGE.wset).
+    #[arg(long)]
+    pub working_set: Option<std::path::PathBuf>,
+    /// With --lazy: record the order pages are first faulted into the working set file.
+    #[arg(long)]
+    pub record_working_set: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -620,15 +646,46 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     check_memory(&spec, kind)?;
     let t_load = Instant::now();
     let mut lazy = None;
+    let mut wset_out = None;
+    if !args.lazy && (args.record_working_set || args.prefetch == PrefetchArg::Recorded) {
+        bail!("--record-working-set and --prefetch recorded need --lazy");
+    }
     let region = if args.lazy {
         let desc = chain.head().regions()[0];
         let region = Arc::new(Region::new(kind, desc.len as usize)?);
-        let opts = livepage_restore::RestoreOptions {
-            handlers: args.handlers,
-            prefetch: args.prefetch == PrefetchArg::Sequential,
+        let wset_path = args.working_set.clone().unwrap_or_else(|| {
+            let mut p = args.image.clone().into_os_string();
+            p.push(".wset");
+            p.into()
+        });
+        let prefetch = match args.prefetch {
+            PrefetchArg::None => livepage_restore::Prefetch::None,
+            PrefetchArg::Sequential => livepage_restore::Prefetch::Sequential,
+            PrefetchArg::Recorded => livepage_restore::Prefetch::Recorded(
+                livepage_restore::WorkingSet::load(&wset_path, chain.head().pages())
+                    .context("--prefetch recorded")?,
+            ),
         };
+        let opts = livepage_restore::RestoreOptions {
+            mode: match args.mode {
+                ModeArg::Missing => livepage_restore::Mode::Missing,
+                ModeArg::Minor => livepage_restore::Mode::Minor,
+            },
+            handlers: args.handlers,
+            uffds: args.uffds,
+            prefetch,
+            record_working_set: args.record_working_set,
+            on_stall: Some(Arc::new(|s: &livepage_restore::Stall| {
+                eprintln!(
+                    "warning: placing {:#x}+{} has taken {} ms ({})",
+                    s.addr, s.len, s.waited_ms, s.worker
+                )
+            })),
+            ..Default::default()
+        };
+        wset_out = args.record_working_set.then_some(wset_path);
         let source: Arc<dyn livepage_restore::PageSource> =
-            Arc::new(livepage_restore::ChainSource(chain));
+            Arc::new(livepage_restore::ChainSource::new(chain));
         lazy = Some(
             livepage_restore::start(vec![region.clone()], source, opts)
                 .context("starting the lazy restore")?,
@@ -657,6 +714,17 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         Some(r) => Some(r.wait().context("the lazy restore failed")?),
         None => None,
     };
+    if let (Some(path), Some(ws)) = (
+        &wset_out,
+        restore_stats.as_ref().and_then(|s| s.working_set.as_ref()),
+    ) {
+        ws.save(path)?;
+        eprintln!(
+            "recorded a working set of {} pages in {}",
+            ws.pages.len(),
+            path.display()
+        );
+    }
     let sum = checksum(&region, spec.ram)?;
     let want = expected_checksum(spec.workload, spec.ram, spec.vcpus);
     let out = serde_json::json!({
@@ -687,21 +755,7 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 "until the vCPUs run".to_string(),
                 format!("{:.2} ms (lazy)", to_run.as_secs_f64() * 1e3),
             ]);
-            t.row([
-                "faults served".to_string(),
-                format!(
-                    "{} (p50 {:.1} µs, p99 {:.1} µs)",
-                    st.faults_served, st.fault_p50_us, st.fault_p99_us
-                ),
-            ]);
-            t.row([
-                "prefetched / zero-filled".to_string(),
-                format!("{} / {}", st.prefetched, st.zero_filled),
-            ]);
-            t.row([
-                "until fully resident".to_string(),
-                format!("{:.2} s", st.until_resident.as_secs_f64()),
-            ]);
+            restore_rows(&mut t, st);
         } else {
             t.row([
                 "eager load".to_string(),
@@ -724,4 +778,48 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rows of a lazy restore's statistics.
+pub fn restore_rows(t: &mut Table, st: &livepage_restore::RestoreStats) {
+    t.row([
+        "restore".to_string(),
+        format!(
+            "{:?} mode, {} handler(s) on {} userfaultfd(s)",
+            st.mode, st.handlers, st.uffds
+        ),
+    ]);
+    t.row([
+        "faults served".to_string(),
+        format!(
+            "{} (p50 {:.1} µs, p99 {:.1} µs)",
+            st.faults_served, st.fault_p50_us, st.fault_p99_us
+        ),
+    ]);
+    t.row([
+        "prefetched / zero-filled".to_string(),
+        format!("{} / {}", st.prefetched, st.zero_filled),
+    ]);
+    t.row([
+        "zero runs left to the kernel".to_string(),
+        format!("{} pages", st.left_to_kernel),
+    ]);
+    if st.discarded > 0 {
+        t.row(["discarded".to_string(), format!("{} pages", st.discarded)]);
+    }
+    t.row([
+        "until fully resident".to_string(),
+        format!("{:.1} ms", st.until_resident_ms),
+    ]);
+    let total: u64 = st.histogram.iter().map(|b| b.count).sum();
+    for b in st.histogram.iter().filter(|b| b.count > 0) {
+        let bar = "#".repeat(((b.count * 30).div_ceil(total.max(1))) as usize);
+        t.row([
+            format!("  fault < {} µs", b.below_us),
+            format!("{:>7} {bar}", b.count),
+        ]);
+    }
+    if !st.stalls.is_empty() {
+        t.row(["stalls (watchdog)".to_string(), st.stalls.len().to_string()]);
+    }
 }

@@ -877,6 +877,47 @@ impl Image {
         Ok(state)
     }
 
+    /// Reads consecutive data pages (all stored in this image) with one read
+    /// and checks each page's crc.
+    fn read_data_run(&self, region: usize, first: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let r = self.layout.regions[region];
+        let offset = self.layout.offset(region, first);
+        self.file.read_exact_at(buf, offset).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                ImageError::Truncated {
+                    path: self.path.clone(),
+                    what: "page data",
+                    need: offset + buf.len() as u64,
+                    have: self.file_len,
+                }
+            } else {
+                ImageError::Io {
+                    what: "reading pages of",
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let g0 = self.layout.first_page[region] + first;
+        for (k, page) in buf.chunks(r.page_size as usize).enumerate() {
+            let want = self.index[g0 as usize + k].1;
+            let found = crc32c::crc32c(page);
+            if found != want {
+                let p = first + k as u64;
+                return Err(ImageError::PageCorrupt {
+                    path: self.path.clone(),
+                    region,
+                    page: p,
+                    addr: r.base + p * r.page_size,
+                    offset: self.layout.offset(region, p),
+                    found,
+                    want,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every stored page's crc. Stops at the first corrupt page.
     pub fn verify(&self) -> Result<u64, ImageError> {
         let mut checked = 0;
@@ -982,6 +1023,72 @@ impl Chain {
             what: "chain",
             detail: format!("page {page} of region {region} is in no image"),
         })
+    }
+
+    /// Which image of the chain holds page `page` of `region`, and whether it
+    /// is data (`Some((image, true))`) or zeros (`Some((image, false))`).
+    pub fn locate(&self, region: usize, page: u64) -> Option<(usize, bool)> {
+        let first = *self.head().layout.first_page.get(region)?;
+        for (i, img) in self.images.iter().enumerate() {
+            match img.index.get((first + page) as usize)?.0 {
+                PageState::Zero => return Some((i, false)),
+                PageState::Data => return Some((i, true)),
+                PageState::Parent => {}
+            }
+        }
+        None
+    }
+
+    /// Reads `buf.len() / page_size` consecutive pages of `region` starting at
+    /// `first`, as the head sees them, with one read per run of pages stored
+    /// together, and checks every page's crc. Returns whether any page holds
+    /// data (if not, `buf` was only zeroed).
+    pub fn read_pages(
+        &self,
+        region: usize,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, ImageError> {
+        let head = self.head();
+        let r = *head
+            .layout
+            .regions
+            .get(region)
+            .ok_or_else(|| ImageError::Invalid(format!("no region {region}")))?;
+        let ps = r.page_size as usize;
+        let n = (buf.len() / ps) as u64;
+        if buf.len() % ps != 0 || first.checked_add(n).is_none_or(|e| e > r.pages()) {
+            return Err(ImageError::Invalid(format!(
+                "pages {first}+{n} ({} bytes) do not fit region {region} of {} pages",
+                buf.len(),
+                r.pages()
+            )));
+        }
+        let mut any = false;
+        let mut i = 0u64;
+        while i < n {
+            let (img, data) =
+                self.locate(region, first + i)
+                    .ok_or_else(|| ImageError::Corrupt {
+                        path: self.images[self.images.len() - 1].path.clone(),
+                        what: "chain",
+                        detail: format!("page {} of region {region} is in no image", first + i),
+                    })?;
+            // Extend the run while the next page lives in the same image in the same state.
+            let mut j = i + 1;
+            while j < n && self.locate(region, first + j) == Some((img, data)) {
+                j += 1;
+            }
+            let slice = &mut buf[i as usize * ps..j as usize * ps];
+            if data {
+                any = true;
+                self.images[img].read_data_run(region, first + i, slice)?;
+            } else {
+                slice.fill(0);
+            }
+            i = j;
+        }
+        Ok(any)
     }
 
     /// Verifies every image of the chain.

@@ -41,6 +41,7 @@
 
 mod errno;
 pub mod event;
+pub mod fdpass;
 mod flags;
 pub mod mm;
 pub mod pagemap;
