@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod image_cmd;
 mod probe;
+mod serve;
 mod table;
 mod vm;
 
@@ -64,6 +65,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve Firecracker VMs' page faults (its UFFD handshake) from its memory
+    /// file or a livepage image, for as many VMs as connect.
+    ServeFirecracker(serve::FirecrackerArgs),
     /// The main scenario on embedded defaults: probe, then a short fault benchmark.
     Demo {
         /// JSON instead of tables.
@@ -92,7 +96,8 @@ enum VmCommand {
     /// Run the test VM to completion and check its memory against the host
     /// reference; optionally take a live snapshot on the way.
     Run(vm::RunArgs),
-    /// Continue the test VM from a snapshot image (loaded eagerly) and check
+    /// Continue the test VM from a snapshot image (loaded eagerly, or lazily
+    /// with --lazy) and check
     /// that it ends with the same memory as an uninterrupted run.
     Resume(vm::ResumeArgs),
 }
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
         Command::Inspect { image, json } => image_cmd::inspect(&image, json),
         Command::Verify { image, json } => image_cmd::verify(&image, json),
         Command::Merge { image, out, json } => image_cmd::merge(&image, &out, json),
+        Command::ServeFirecracker(args) => serve::run(&args),
         Command::Demo { json } => demo::run(json),
     };
     match result {

@@ -1,0 +1,286 @@
+//! `livepage serve-firecracker` against a client written from Firecracker's
+//! documented handshake: this test process maps guest memory, registers it
+//! MISSING with EVENT_REMOVE, connects, sends the region JSON with the
+//! userfaultfd as SCM_RIGHTS, then touches, discards and verifies its pages.
+//! Malformed handshakes are rejected with a message while the server goes on
+//! serving the VMs that follow.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livepage_mem::{MemoryKind, Region};
+use livepage_uffd::fdpass::send_with_fd;
+use livepage_uffd::{Features, RegisterMode, Uffd, UffdBuilder};
+
+const SIZES: [usize; 2] = [8 << 20, 4 << 20];
+
+fn ok() -> bool {
+    if !livepage_uffd::probe::capabilities().access.full() {
+        livepage_testutil::skip("serve_firecracker", "no full userfaultfd");
+        return false;
+    }
+    true
+}
+
+/// The snapshot's memory: both regions end to end, every seventh page zero.
+fn memory() -> Vec<u8> {
+    let total: usize = SIZES.iter().sum();
+    let mut v = vec![0u8; total];
+    for (p, page) in v.chunks_mut(4096).enumerate() {
+        if p % 7 != 0 {
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = (p as u32 * 13 + i as u32 / 16) as u8 | 1;
+            }
+        }
+    }
+    v
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn server(dir: &Path, backing: &[&str], max_vms: u32) -> Server {
+    let socket = dir.join("fc.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_livepage"))
+        .arg("serve-firecracker")
+        .arg("--socket")
+        .arg(&socket)
+        .args(backing)
+        .args(["--json", "--max-vms", &max_vms.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Server {
+        child,
+        socket,
+        lines,
+    }
+}
+
+fn uffd() -> Uffd {
+    // As Firecracker creates it: EVENT_REMOVE, non-blocking, kernel faults too.
+    UffdBuilder::new()
+        .non_blocking(true)
+        .user_mode_only(false)
+        .features(Features::EVENT_REMOVE)
+        .create()
+        .unwrap()
+}
+
+fn mapping(base: usize, size: usize, offset: usize, ps: usize) -> String {
+    format!(r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":{ps}}}"#)
+}
+
+/// Sends a handshake and returns the server's one-line answer (empty if it
+/// accepted and said nothing).
+fn reject_reason(socket: &Path, body: &str, with_fd: bool) -> String {
+    let s = UnixStream::connect(socket).unwrap();
+    let u = uffd();
+    if with_fd {
+        send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    } else {
+        (&s).write_all(body.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = String::new();
+    let _ = (&s).read_to_string(&mut answer);
+    answer
+}
+
+/// One VM: maps and registers its regions, hands them over, then touches,
+/// discards and checks every page.
+fn run_vm(socket: &Path, want: &[u8]) {
+    let regions: Vec<Arc<Region>> = SIZES
+        .iter()
+        .map(|s| Arc::new(Region::new(MemoryKind::Anon, *s).unwrap()))
+        .collect();
+    let u = uffd();
+    for r in &regions {
+        r.register(&u, RegisterMode::MISSING).unwrap();
+    }
+    let body = format!(
+        "[{},{}]",
+        mapping(regions[0].addr(), SIZES[0], 0, 4096),
+        mapping(regions[1].addr(), SIZES[1], SIZES[0], 4096)
+    );
+    let s = UnixStream::connect(socket).unwrap();
+    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    // Firecracker keeps its copy of the uffd; so do we, and the socket stays open.
+    let mut offset = 0;
+    for r in &regions {
+        // Two vCPU-like threads touch every page in opposite orders.
+        let pages = r.pages();
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..pages {
+                        let p = if t == 0 { i } else { pages - 1 - i };
+                        r.read_u64(p * 4096 + 8).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut got = vec![0u8; r.len()];
+        r.read(0, &mut got).unwrap();
+        assert!(
+            got == want[offset..offset + r.len()],
+            "served memory differs from the snapshot"
+        );
+        // A balloon takes 16 pages: they come back as zeros, not snapshot data.
+        r.discard(64 * 4096, 16 * 4096).unwrap();
+        for p in 64..80 {
+            assert_eq!(r.read_u64(p * 4096 + 8).unwrap(), 0, "page {p}");
+        }
+        assert_ne!(r.read_u64(81 * 4096 + 8).unwrap(), 0);
+        offset += r.len();
+    }
+    drop(s);
+}
+
+fn events(srv: &Server, n: usize) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|_| {
+            let l = srv.lines.recv_timeout(Duration::from_secs(60)).unwrap();
+            serde_json::from_str(&l).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn serves_firecracker_vms_from_a_mem_file_and_rejects_bad_handshakes() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let mut srv = server(dir.path(), &["--mem-file", mem.to_str().unwrap()], 2);
+
+    let a = 0x7000_0000_0000usize;
+    let bad = [
+        ("{not json".to_string(), true, "not a JSON array"),
+        ("[]".to_string(), true, "no guest regions"),
+        (
+            format!("[{}]", mapping(a, 8192, 0, 4096)),
+            false,
+            "no file descriptor",
+        ),
+        (
+            format!("[{}]", mapping(a + 12, 8192, 0, 4096)),
+            true,
+            "not aligned",
+        ),
+        (
+            format!(
+                "[{},{}]",
+                mapping(a, 8192, 0, 4096),
+                mapping(a + 4096, 4096, 0, 4096)
+            ),
+            true,
+            "overlap",
+        ),
+        (
+            format!("[{}]", mapping(a, 64 << 20, 0, 4096)),
+            true,
+            "memory snapshot, which has",
+        ),
+    ];
+    for (body, fd, why) in &bad {
+        let answer = reject_reason(&srv.socket, body, *fd);
+        assert!(answer.contains(why), "{body}: {answer}");
+    }
+    let ev = events(&srv, bad.len());
+    assert!(ev.iter().all(|e| e["event"] == "rejected"), "{ev:?}");
+
+    // Two VMs at once, after the bad ones: the server still serves.
+    let (s1, s2) = (srv.socket.clone(), srv.socket.clone());
+    let (w1, w2) = (want.clone(), want.clone());
+    let vm1 = std::thread::spawn(move || run_vm(&s1, &w1));
+    let vm2 = std::thread::spawn(move || run_vm(&s2, &w2));
+    vm1.join().unwrap();
+    vm2.join().unwrap();
+    let ev = events(&srv, 4);
+    let finished: Vec<_> = ev.iter().filter(|e| e["event"] == "finished").collect();
+    assert_eq!(finished.len(), 2, "{ev:?}");
+    for f in finished {
+        // Every page faulted once with data or zeros, plus the 32 discarded
+        // pages faulted again as zeros.
+        let total = f["faults"].as_u64().unwrap() + f["zero_faults"].as_u64().unwrap();
+        assert_eq!(total, (want.len() / 4096) as u64 + 32, "{f}");
+        assert_eq!(f["removed_bytes"].as_u64().unwrap(), 32 * 4096);
+    }
+    // --max-vms 2: the server exits on its own.
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = srv.child.try_wait().unwrap() {
+            assert!(st.success());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serves_firecracker_from_a_livepage_image() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let img = dir.path().join("vm.img");
+    let descs: Vec<_> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| livepage_image::RegionDesc {
+            base: 0x1000_0000 * (i as u64 + 1),
+            len: *s as u64,
+            page_size: 4096,
+            kind: livepage_image::kind::of(MemoryKind::Anon),
+        })
+        .collect();
+    let w = livepage_image::ImageWriter::create(&img, &descs, None).unwrap();
+    for (p, page) in want.chunks(4096).enumerate() {
+        if page.iter().any(|b| *b != 0) {
+            w.write_page(p as u64, page).unwrap();
+        } else {
+            w.mark_zero(p as u64);
+        }
+    }
+    w.finish().unwrap();
+    let mut srv = server(dir.path(), &["--image", img.to_str().unwrap()], 1);
+    run_vm(&srv.socket, &want);
+    let ev = events(&srv, 2);
+    assert_eq!(ev[1]["event"], "finished", "{ev:?}");
+    assert!(srv.child.wait().unwrap().success());
+}
