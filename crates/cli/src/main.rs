@@ -89,6 +89,10 @@ enum BenchCommand {
     /// Dirty tracking: collect-and-re-arm cost against region size and dirty
     /// fraction, and the cost of a tracked write, per backend.
     Track(bench::track::TrackArgs),
+    /// Restoring a large image: eager read, a MAP_PRIVATE mapping, and lazy
+    /// restore in missing and minor mode with each prefetch policy; then the
+    /// test VM's demand paging against handler threads.
+    Restore(bench::restore::RestoreBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +128,8 @@ fn main() -> ExitCode {
             .and_then(|rows| report(args.json, &rows, || bench::faults::render(&rows))),
         Command::Bench(BenchCommand::DemandPaging(args)) => bench::demand::run(&args)
             .and_then(|rows| report(args.json, &rows, || bench::demand::render(&rows))),
+        Command::Bench(BenchCommand::Restore(args)) => bench::restore::run(&args)
+            .and_then(|r| report(args.json, &r, || bench::restore::render(&r))),
         Command::Bench(BenchCommand::Snapshot(args)) => {
             bench::snapshot::run(&args).and_then(|rows| {
                 report(args.json, &rows, || {

@@ -284,3 +284,48 @@ fn serves_firecracker_from_a_livepage_image() {
     assert_eq!(ev[1]["event"], "finished", "{ev:?}");
     assert!(srv.child.wait().unwrap().success());
 }
+
+#[test]
+fn a_snapshot_that_breaks_mid_serving_fails_closed() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let srv = server(dir.path(), &["--mem-file", mem.to_str().unwrap()], 1);
+    let r = Arc::new(Region::new(MemoryKind::Anon, SIZES[0]).unwrap());
+    let u = uffd();
+    r.register(&u, RegisterMode::MISSING).unwrap();
+    let s = UnixStream::connect(&srv.socket).unwrap();
+    let body = format!("[{}]", mapping(r.addr(), SIZES[0], 0, 4096));
+    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    assert_eq!(
+        r.read_u64(8).unwrap(),
+        u64::from_ne_bytes(want[8..16].try_into().unwrap())
+    );
+    // The snapshot file loses its tail while the VM runs.
+    std::fs::File::options()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(16 * 4096)
+        .unwrap();
+    // A page beyond it: the vCPU gets an error (SIGBUS for a guest access,
+    // EFAULT through the kernel) at once, and so does every page not served.
+    let t0 = Instant::now();
+    let mut b = [0u8; 8];
+    assert!(r.read_checked(100 * 4096, &mut b).is_err());
+    assert!(r.read_checked(1000 * 4096, &mut b).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    // What was served stays.
+    r.read_checked(0, &mut b).unwrap();
+    let ev = events(&srv, 2);
+    assert_eq!(ev[1]["failed_closed"], true, "{ev:?}");
+    assert!(
+        ev[1]["ended"].as_str().unwrap().contains("cannot be read"),
+        "{ev:?}"
+    );
+    drop(s);
+}

@@ -159,6 +159,26 @@ pub enum RegionError {
         /// The errno (EFAULT).
         errno: Errno,
     },
+    /// Reading a file into the region failed.
+    #[error("reading {len:#x} bytes of a file at {file_offset:#x} into the region failed: {errno}")]
+    ReadFile {
+        /// File offset.
+        file_offset: u64,
+        /// Length.
+        len: usize,
+        /// The errno (EIO at end of file).
+        errno: Errno,
+    },
+    /// Writing the page cache failed (ENOSPC: the tmpfs or memory cgroup is full).
+    #[error("writing {len:#x} bytes of page cache at {offset:#x} failed: {errno}")]
+    PageCache {
+        /// Offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// The errno.
+        errno: Errno,
+    },
     /// The region has no memfd or alias (anon/THP).
     #[error("a {0} region has no page cache alias")]
     NoAlias(MemoryKind),
@@ -367,6 +387,33 @@ impl Region {
         })
     }
 
+    /// Reads `len` bytes of `file` at `file_offset` straight into the region
+    /// at `offset` (one copy, as an eager restore would).
+    pub fn read_file(
+        &self,
+        file: &File,
+        file_offset: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), RegionError> {
+        self.check(offset, len)?;
+        // SAFETY: the range lies inside the region (checked), whose memory no Rust
+        // reference points into.
+        unsafe {
+            mm::pread_into(
+                std::os::fd::AsFd::as_fd(file),
+                file_offset,
+                self.addr() + offset,
+                len,
+            )
+        }
+        .map_err(|errno| RegionError::ReadFile {
+            file_offset,
+            len,
+            errno,
+        })
+    }
+
     /// Copies `data` into the region at `offset` (may fault).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RegionError> {
         self.write_impl(offset, data, false)
@@ -378,6 +425,24 @@ impl Region {
     /// Writes through the alias mapping: fills the page cache without a userfault.
     pub fn write_alias(&self, offset: usize, data: &[u8]) -> Result<(), RegionError> {
         self.write_impl(offset, data, true)
+    }
+
+    /// Fills the page cache at `offset`: pwrite(2) on the shmem memfd (no
+    /// page-table faults), the alias mapping on hugetlbfs (which has no write(2)).
+    pub fn write_page_cache(&self, offset: usize, data: &[u8]) -> Result<(), RegionError> {
+        self.check(offset, data.len())?;
+        match (&self.file, self.kind) {
+            (Some(f), MemoryKind::Shmem) => {
+                std::os::unix::fs::FileExt::write_all_at(f, data, offset as u64).map_err(|e| {
+                    RegionError::PageCache {
+                        offset,
+                        len: data.len(),
+                        errno: Errno::from(e),
+                    }
+                })
+            }
+            _ => self.write_alias(offset, data),
+        }
     }
 
     /// Reads the aligned u64 at `offset` with one volatile load.

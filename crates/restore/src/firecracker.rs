@@ -301,6 +301,40 @@ pub struct VmStats {
     pub seconds: f64,
     /// Why serving ended.
     pub ended: String,
+    /// Serving failed and every page not yet served was poisoned.
+    pub failed_closed: bool,
+}
+
+/// Poisons every page of `maps` that is not mapped yet. Returns whether the
+/// kernel accepted it (UFFDIO_POISON, Linux 6.6).
+pub fn poison_all(uffd: &Uffd, maps: &[GuestRegionUffdMapping]) -> bool {
+    let mut ok = true;
+    for m in maps {
+        let (base, len, ps) = (
+            m.base_host_virt_addr as usize,
+            m.size as usize,
+            m.page_bytes() as usize,
+        );
+        let mut off = 0;
+        while off < len {
+            match uffd.poison(base + off, len - off, false) {
+                Ok(Resolved::All) => break,
+                Ok(Resolved::Partial { bytes }) => off += bytes as usize,
+                // Already served: skip that page.
+                Ok(Resolved::AlreadyPresent) => off += ps,
+                // A remove is pending: read it (the VMM waits for that), then retry.
+                Ok(Resolved::EventPending) => {
+                    let mut b = EventBuffer::new(16);
+                    let _ = uffd.read_events(&mut b);
+                }
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+    }
+    ok
 }
 
 /// What the server reports as it goes.
@@ -389,19 +423,19 @@ pub fn serve_vm(
     let mut removed = RangeSet::new();
     let mut events = EventBuffer::new(64);
     let mut deferred: Vec<u64> = Vec::new();
-    st.ended = loop {
+    let (ended, fatal) = loop {
         if stop.load(Ordering::Relaxed) {
-            break "server stopped".into();
+            break ("the server was stopped".into(), true);
         }
         let ready = match poll_readable([uffd.as_fd(), stream.as_fd()], 200) {
             Ok(r) => r,
-            Err(e) => break format!("poll failed: {e}"),
+            Err(e) => break (format!("poll failed: {e}"), true),
         };
         if ready[1] {
             // Firecracker sends nothing after the handshake: readable means closed.
             let mut sink = [0u8; 4096];
             match std::io::Read::read(&mut &*stream, &mut sink) {
-                Ok(0) | Err(_) => break "the VMM closed its socket".into(),
+                Ok(0) | Err(_) => break ("the VMM closed its socket".into(), false),
                 Ok(_) => {}
             }
         }
@@ -410,7 +444,7 @@ pub fn serve_vm(
         }
         let evs: Vec<Event> = match uffd.read_events(&mut events) {
             Ok(e) => e.collect(),
-            Err(e) => break format!("reading events failed: {e}"),
+            Err(e) => break (format!("reading events failed: {e}"), true),
         };
         // Removes first: a fault read in the same batch must see them.
         for ev in &evs {
@@ -438,7 +472,7 @@ pub fn serve_vm(
                 match backing.read(m.offset + (start - m.base_host_virt_addr), buf) {
                     Ok(d) => d,
                     Err(e) => {
-                        gone = Some(format!("the snapshot cannot be read: {e}"));
+                        gone = Some((format!("the snapshot cannot be read: {e}"), true));
                         break;
                     }
                 }
@@ -465,11 +499,11 @@ pub fn serve_vm(
                 // A remove is pending: read it first, then serve this fault.
                 Ok(Resolved::EventPending) => deferred.push(addr),
                 Err(RangeError::TargetGone { .. }) => {
-                    gone = Some("the VMM exited".into());
+                    gone = Some(("the VMM exited".into(), false));
                     break;
                 }
                 Err(e) => {
-                    gone = Some(format!("serving {addr:#x} failed: {e}"));
+                    gone = Some((format!("serving {addr:#x} failed: {e}"), true));
                     break;
                 }
             }
@@ -478,6 +512,12 @@ pub fn serve_vm(
             break g;
         }
     };
+    st.ended = ended;
+    if fatal {
+        // Fail closed: the VM's vCPUs get SIGBUS on any page not yet served
+        // instead of waiting forever on a server that stopped serving them.
+        st.failed_closed = poison_all(uffd, maps);
+    }
     st.seconds = t0.elapsed().as_secs_f64();
     st
 }
@@ -512,7 +552,17 @@ pub fn serve(
                         vm,
                         regions: maps.clone(),
                     });
-                    let st = serve_vm(vm, &stream, &uffd, &maps, &backing, &stop);
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serve_vm(vm, &stream, &uffd, &maps, &backing, &stop)
+                    }));
+                    let st = served.unwrap_or_else(|_| VmStats {
+                        vm,
+                        regions: maps.len(),
+                        ended: "the serving thread panicked".into(),
+                        // Fail closed rather than leave the vCPUs waiting.
+                        failed_closed: poison_all(&uffd, &maps),
+                        ..VmStats::default()
+                    });
                     report(ServerEvent::Finished(st));
                 }
                 Err(e) => {

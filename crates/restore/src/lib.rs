@@ -268,6 +268,28 @@ struct Shared {
     max_chunk: usize,
 }
 
+/// How a run is installed.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    /// Resolve without waking (the handler wakes merged ranges after its batch).
+    dont_wake: bool,
+    /// For a write fault (zeros then need a real page, not the zero page).
+    write: bool,
+}
+
+impl How {
+    const PREFETCH: How = How {
+        dont_wake: false,
+        write: false,
+    };
+    fn fault(pf: &PageFault) -> How {
+        How {
+            dont_wake: true,
+            write: pf.is_write(),
+        }
+    }
+}
+
 /// Per-thread state of a worker (handler, prefetcher or `wait`).
 struct Worker {
     slot: usize,
@@ -300,6 +322,7 @@ pub struct Restore {
     shared: Arc<Shared>,
     handlers: Vec<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
+    zero_runs: Option<JoinHandle<()>>,
     watchdog: Option<JoinHandle<()>>,
     stop: Arc<EventFd>,
     stop_watchdog: Arc<AtomicBool>,
@@ -398,51 +421,18 @@ pub fn start(
         Mode::Missing => RegisterMode::MISSING,
         Mode::Minor => RegisterMode::MISSING | RegisterMode::MINOR,
     };
-    // Zero runs left to the kernel are claimed and done from the start.
-    let mut kernel_zero = 0u64;
-    for (ri, t) in table.iter().enumerate() {
-        let mut skip = RangeSet::new();
-        if let Some(min) = opts.zero_runs_to_kernel {
-            let min_pages = (min / t.page_size).max(1) as u64;
-            let mut runs = source.zero_runs(ri).unwrap_or_default();
-            runs.retain(|(s, e)| e - s >= min_pages);
-            // Each run splits a VMA: keep the count far from vm.max_map_count.
-            runs.sort_by_key(|(s, e)| std::cmp::Reverse(e - s));
-            runs.truncate(1024);
-            for (s, e) in runs {
-                skip.insert(s, e);
-                for p in s..e {
-                    claimed.set((t.first + p) as usize);
-                    done.set((t.first + p) as usize);
-                }
-                kernel_zero += e - s;
-            }
-        }
-        // Register, per slice, what is not skipped. On error the uffds are
-        // dropped, which unregisters what was registered.
+    // Register every slice whole: O(1) in the image size. Zero runs are
+    // handed to the kernel afterwards, in the background. On error the uffds
+    // are dropped, which unregisters what was registered.
+    for t in table.iter() {
         for (ui, uffd) in uffds.iter().enumerate() {
-            let s0 = ui as u64 * slice_pages[ri];
-            let s1 = ((ui as u64 + 1) * slice_pages[ri]).min(t.pages);
-            let mut p = s0;
-            let register = |a: u64, b: u64| {
+            let sp = t.pages.div_ceil(n_uffd as u64).max(1);
+            let a = (ui as u64 * sp).min(t.pages);
+            let b = ((ui as u64 + 1) * sp).min(t.pages);
+            if b > a {
                 let ps = t.page_size;
                 t.region
-                    .register_range(uffd, a as usize * ps, (b - a) as usize * ps, mode)
-            };
-            for (s, e) in skip.iter() {
-                if e <= p {
-                    continue;
-                }
-                if s >= s1 {
-                    break;
-                }
-                if s > p {
-                    register(p, s)?;
-                }
-                p = p.max(e);
-            }
-            if p < s1 {
-                register(p, s1)?;
+                    .register_range(uffd, a as usize * ps, (b - a) as usize * ps, mode)?;
             }
         }
     }
@@ -456,14 +446,14 @@ pub fn start(
         slice_pages,
         claimed,
         done,
-        done_count: AtomicU64::new(kernel_zero),
+        done_count: AtomicU64::new(0),
         any_removed: AtomicBool::new(false),
         source,
         poison,
         faults: AtomicU64::new(0),
         prefetched: AtomicU64::new(0),
         zero: AtomicU64::new(0),
-        kernel_zero: AtomicU64::new(kernel_zero),
+        kernel_zero: AtomicU64::new(0),
         discarded: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         error: Mutex::new(None),
@@ -477,8 +467,8 @@ pub fn start(
         latencies: Mutex::new(Vec::new()),
         record: opts.record_working_set,
         touches: Mutex::new(Vec::new()),
-        // One slot per handler, one for the prefetcher, one for `wait`.
-        slots: (0..handler_count + 2).map(|_| Slot::default()).collect(),
+        // One slot per handler, then the prefetcher, `wait`, the zero-run task.
+        slots: (0..handler_count + 3).map(|_| Slot::default()).collect(),
         stalls: Mutex::new(Vec::new()),
         max_chunk,
     });
@@ -506,6 +496,14 @@ pub fn start(
             )
         }
     };
+    let zero_runs = opts.zero_runs_to_kernel.and_then(|min| {
+        let s = shared.clone();
+        let slot = handler_count + 2;
+        std::thread::Builder::new()
+            .name("lp-zero-runs".into())
+            .spawn(move || s.guarded(slot, |s, w| s.hand_zero_runs_to_kernel(min, w)))
+            .ok()
+    });
     let stop_watchdog = Arc::new(AtomicBool::new(false));
     let watchdog = {
         let (s, halt) = (shared.clone(), stop_watchdog.clone());
@@ -519,6 +517,7 @@ pub fn start(
         shared,
         handlers,
         prefetcher,
+        zero_runs,
         watchdog,
         stop,
         stop_watchdog,
@@ -544,13 +543,14 @@ impl Restore {
     /// touched are placed now, in this thread), stops the handlers,
     /// unregisters, and returns the statistics.
     pub fn wait(mut self) -> Result<RestoreStats, RestoreError> {
-        if let Some(p) = self.prefetcher.take() {
-            let _ = p.join();
-        }
-        // Whatever is still unclaimed (no prefetcher, or it stopped early).
+        // This thread helps the prefetcher (or, without one, does its work):
+        // claim bits keep the two from placing a page twice.
         let slot = self.handler_count + 1;
         self.shared
             .guarded(slot, |s, w| s.prefetch(&Prefetch::Sequential, w));
+        if let Some(p) = self.prefetcher.take() {
+            let _ = p.join();
+        }
         // Others may still be placing the pages they claimed.
         while self.shared.done_count.load(Ordering::Acquire) < self.shared.regions.total() {
             std::thread::sleep(Duration::from_micros(200));
@@ -570,8 +570,11 @@ impl Restore {
 
     fn stop_threads(&mut self) {
         self.shared.stop_prefetch.store(true, Ordering::SeqCst);
-        if let Some(p) = self.prefetcher.take() {
-            let _ = p.join();
+        for t in [self.prefetcher.take(), self.zero_runs.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = t.join();
         }
         self.stop.signal();
         for h in self.handlers.drain(..) {
@@ -597,8 +600,11 @@ impl Drop for Restore {
         if !self.handlers.is_empty() {
             // Dropped before `wait`: fail closed, then let the handlers go.
             self.shared.stop_prefetch.store(true, Ordering::SeqCst);
-            if let Some(p) = self.prefetcher.take() {
-                let _ = p.join();
+            for t in [self.prefetcher.take(), self.zero_runs.take()]
+                .into_iter()
+                .flatten()
+            {
+                let _ = t.join();
             }
             if self.shared.done_count.load(Ordering::Acquire) < self.shared.regions.total() {
                 self.shared.fail_closed();
@@ -840,9 +846,10 @@ impl Shared {
         p0: u64,
         n: u64,
         data: bool,
-        dont_wake: bool,
+        how: How,
         w: &mut Worker,
     ) -> Result<(), RestoreError> {
+        let How { dont_wake, write } = how;
         let t = &self.regions[r];
         let ps = t.page_size;
         let len = n as usize * ps;
@@ -851,13 +858,16 @@ impl Shared {
         let uffd = &self.uffds[ui];
         let hugetlb = t.region.kind() == MemoryKind::Hugetlb;
         // How the pages get there: zeropage where the kernel can, else bytes.
-        let zeropage = !data && !hugetlb;
+        // A write fault on anonymous memory gets a real zeroed page: the shared
+        // zero page would cost it a second (copy-on-write) fault at once.
+        let anon_write = write && !t.region.kind().has_page_cache();
+        let zeropage = !data && !hugetlb && !anon_write;
         if !data && !zeropage {
             w.buf[..len].fill(0);
         }
         let via_alias = self.mode == Mode::Minor && !zeropage;
         if via_alias {
-            t.region.write_alias(p0 as usize * ps, &w.buf[..len])?;
+            t.region.write_page_cache(p0 as usize * ps, &w.buf[..len])?;
         }
         let mut off = 0usize;
         while off < len {
@@ -905,7 +915,7 @@ impl Shared {
         r: usize,
         p0: u64,
         n: u64,
-        dont_wake: bool,
+        how: How,
         w: &mut Worker,
     ) -> Result<bool, RestoreError> {
         let t = &self.regions[r];
@@ -938,7 +948,7 @@ impl Shared {
                 }
             }
         }
-        let res = self.install(r, p0, n, data, dont_wake, w);
+        let res = self.install(r, p0, n, data, how, w);
         slot.since_ns.store(0, Ordering::Release);
         res.map(|()| data)
     }
@@ -969,8 +979,8 @@ impl Shared {
     }
 
     /// Places claimed pages and accounts for them.
-    fn place(&self, r: usize, p0: u64, n: u64, dont_wake: bool, w: &mut Worker) -> bool {
-        match self.fill(r, p0, n, dont_wake, w) {
+    fn place(&self, r: usize, p0: u64, n: u64, how: How, w: &mut Worker) -> bool {
+        match self.fill(r, p0, n, how, w) {
             Ok(data) => {
                 if !data {
                     self.zero.fetch_add(n, Ordering::Relaxed);
@@ -1000,7 +1010,7 @@ impl Shared {
             if self.record {
                 w.touches.push((now, g));
             }
-            if self.place(r, p, 1, true, w) {
+            if self.place(r, p, 1, How::fault(&pf), w) {
                 self.faults.fetch_add(1, Ordering::Relaxed);
                 w.latencies.push(t0.elapsed().as_nanos() as u64);
             }
@@ -1016,7 +1026,7 @@ impl Shared {
                     Err(e) => Err(e.into()),
                 }
             } else {
-                self.fill(r, p, 1, true, w)
+                self.fill(r, p, 1, How::fault(&pf), w)
             };
             if let Err(e) = res {
                 self.set_error(e);
@@ -1127,7 +1137,7 @@ impl Shared {
                     continue;
                 }
                 if let Some((r, p, n)) = self.claim_run(g, run) {
-                    if self.place(r, p, n, false, w) {
+                    if self.place(r, p, n, How::PREFETCH, w) {
                         self.prefetched.fetch_add(n, Ordering::Relaxed);
                     }
                 }
@@ -1166,8 +1176,47 @@ impl Shared {
                 }
             };
             if let Some((r, p, n)) = self.claim_run(from, chunk) {
-                if self.place(r, p, n, false, w) {
+                if self.place(r, p, n, How::PREFETCH, w) {
                     self.prefetched.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Unregisters large zero runs the source knows of, so the kernel serves
+    /// them with no round trip. Runs only over pages nobody claimed yet.
+    fn hand_zero_runs_to_kernel(&self, min_bytes: usize, w: &mut Worker) {
+        // Each run splits a VMA: keep the count far from vm.max_map_count.
+        let mut budget = 1024usize;
+        for (ri, t) in self.regions.iter().enumerate() {
+            let min_pages = (min_bytes / t.page_size).max(1) as u64;
+            let Some(mut runs) = self.source.zero_runs(ri) else {
+                continue;
+            };
+            runs.retain(|(s, e)| e - s >= min_pages);
+            runs.sort_by_key(|(s, e)| std::cmp::Reverse(e - s));
+            runs.truncate(budget);
+            budget -= runs.len();
+            for (s, e) in runs {
+                let mut p = s;
+                while p < e {
+                    if self.stop_prefetch.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let g = t.first + p;
+                    let Some((r, q, n)) = self.claim_run(g, e - p) else {
+                        p += 1;
+                        continue;
+                    };
+                    let ui = self.uffd_of(r, q);
+                    let (off, len) = (q as usize * t.page_size, n as usize * t.page_size);
+                    if t.region.unregister_range(&self.uffds[ui], off, len).is_ok() {
+                        self.kernel_zero.fetch_add(n, Ordering::Relaxed);
+                        self.mark_done(t.first + q, n);
+                    } else if self.place(r, q, n, How::PREFETCH, w) {
+                        self.prefetched.fetch_add(n, Ordering::Relaxed);
+                    }
+                    p = q + n;
                 }
             }
         }
@@ -1190,10 +1239,11 @@ impl Shared {
                         addr: s.addr.load(Ordering::Relaxed),
                         len: s.len.load(Ordering::Relaxed),
                         waited_ms: waited / 1_000_000,
-                        worker: if i < self.slots.len() - 2 {
-                            format!("handler {i}")
-                        } else {
-                            "prefetcher".into()
+                        worker: match self.slots.len() - i {
+                            3 => "prefetcher".into(),
+                            2 => "wait".into(),
+                            1 => "zero runs".into(),
+                            _ => format!("handler {i}"),
                         },
                     };
                     if let Some(f) = report {

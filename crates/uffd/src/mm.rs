@@ -450,3 +450,40 @@ pub fn read_own_memory(addr: usize, buf: &mut [u8]) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// pread(2) of `len` bytes at `offset` of `fd` straight into memory at
+/// `addr`, looping over short reads. Fails with EIO at end of file.
+///
+/// # Safety
+/// `[addr, addr+len)` is mapped writable memory of this process that no Rust
+/// reference points into.
+pub unsafe fn pread_into(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    addr: usize,
+    len: usize,
+) -> Result<(), Errno> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the caller guarantees the destination range is ours to write.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                (addr + done) as *mut libc::c_void,
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(Errno::IO),
+            _ => {
+                let e = Errno::last();
+                if e != Errno::INTR {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}

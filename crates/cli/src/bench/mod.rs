@@ -2,6 +2,7 @@
 
 pub mod demand;
 pub mod faults;
+pub mod restore;
 pub mod snapshot;
 pub mod track;
 
