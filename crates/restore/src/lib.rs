@@ -806,7 +806,9 @@ impl Shared {
                 rm[r].insert(p * t.page_size as u64, last * t.page_size as u64);
                 marked = true;
             }
-            self.any_removed.store(marked, Ordering::Release);
+            if marked {
+                self.any_removed.store(true, Ordering::Release);
+            }
             for q in p..last {
                 let g = t.first + q;
                 if self.claimed.set(g as usize) {
@@ -890,7 +892,14 @@ impl Shared {
                     let _ = uffd.wake(addr + off, ps);
                     off += ps;
                 }
-                Ok(Resolved::EventPending) => self.drain(ui, w),
+                Ok(Resolved::EventPending) => {
+                    self.drain(ui, w);
+                    // The pending event may have discarded pages of this run.
+                    if !zeropage && !via_alias {
+                        let first = p0 + (off / ps) as u64;
+                        self.zero_removed(r, first, &mut w.buf[off..len]);
+                    }
+                }
                 // CONTINUE finds no page: the hole was punched (discarded) meanwhile.
                 Err(RangeError::Kernel {
                     errno: Errno::FAULT,
@@ -926,7 +935,7 @@ impl Shared {
             .store(self.regions.page_addr(r, p0) as u64, Ordering::Relaxed);
         slot.len.store(len as u64, Ordering::Relaxed);
         slot.since_ns.store(self.now_ns(), Ordering::Release);
-        let (all_removed, any_removed) = self.removed_in(r, p0 * ps, n * ps);
+        let (all_removed, _) = self.removed_in(r, p0 * ps, n * ps);
         let data = if all_removed {
             false
         } else {
@@ -939,18 +948,29 @@ impl Shared {
                 }
             }
         };
-        if data && any_removed {
-            if let Ok(rm) = self.removed.lock() {
-                for k in 0..n {
-                    if rm[r].contains((p0 + k) * ps) {
-                        w.buf[(k * ps) as usize..((k + 1) * ps) as usize].fill(0);
-                    }
-                }
-            }
+        // Checked again after the (maybe slow) read: a discard that came
+        // meanwhile must not be answered with the data read before it.
+        if data {
+            self.zero_removed(r, p0, &mut w.buf[..len]);
         }
         let res = self.install(r, p0, n, data, how, w);
         slot.since_ns.store(0, Ordering::Release);
         res.map(|()| data)
+    }
+
+    /// Zeroes the pages of `buf` (pages from `p0` of region `r`) that were discarded.
+    fn zero_removed(&self, r: usize, p0: u64, buf: &mut [u8]) {
+        let ps = self.regions[r].page_size;
+        if !self.removed_in(r, p0 * ps as u64, buf.len() as u64).1 {
+            return;
+        }
+        if let Ok(rm) = self.removed.lock() {
+            for (k, page) in buf.chunks_mut(ps).enumerate() {
+                if rm[r].contains((p0 + k as u64) * ps as u64) {
+                    page.fill(0);
+                }
+            }
+        }
     }
 
     /// The source could not give these pages: poison them (or, if the source
