@@ -705,15 +705,26 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     );
     let t0 = Instant::now();
     let control = RunControl::new(spec.vcpus, None);
-    if run_with_bar(&mut vm, &control, &bar)? != RunOutcome::Finished {
-        bail!("the guest stopped before finishing");
-    }
+    let ran = run_with_bar(&mut vm, &control, &bar);
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
+    // A failed restore is the root cause of a guest that then crashed on a
+    // lost (poisoned) page: report it first.
     let restore_stats = match lazy {
-        Some(r) => Some(r.wait().context("the lazy restore failed")?),
+        Some(r) => match (r.wait(), &ran) {
+            (Ok(st), _) => Some(st),
+            (Err(e), Err(run)) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the lazy restore failed, and the guest stopped on a page it could not get ({run})"
+                )));
+            }
+            (Err(e), Ok(_)) => return Err(anyhow::Error::new(e).context("the lazy restore failed")),
+        },
         None => None,
     };
+    if ran? != RunOutcome::Finished {
+        bail!("the guest stopped before finishing");
+    }
     if let (Some(path), Some(ws)) = (
         &wset_out,
         restore_stats.as_ref().and_then(|s| s.working_set.as_ref()),

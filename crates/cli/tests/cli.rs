@@ -401,3 +401,123 @@ fn checkpoint_chains_with_every_tracker() {
         assert_eq!(r["matches_reference"], true, "{tracker}: {r}");
     }
 }
+
+#[test]
+fn lazy_resume_in_every_mode_and_policy_reaches_the_same_checksum() {
+    if !kvm_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = snapshot(dir.path(), "shmem");
+    let resume = |extra: &[&str]| {
+        json(
+            &livepage()
+                .args(["vm", "resume", "--json", "--lazy"])
+                .args(extra)
+                .arg(&img)
+                .output()
+                .unwrap(),
+        )
+    };
+    // Missing mode records the working set; minor mode replays it.
+    let v = resume(&[
+        "--mode",
+        "missing",
+        "--handlers",
+        "2",
+        "--uffds",
+        "2",
+        "--record-working-set",
+    ]);
+    assert_eq!(v["matches_reference"], true, "{v}");
+    let first = v["restore"]["faults_served"].as_u64().unwrap();
+    assert!(first > 0, "{v}");
+    assert!(v["seconds_until_vcpus_run"].as_f64().unwrap() < 1.0);
+    let hist: u64 = v["restore"]["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(hist, first, "the histogram counts every served fault");
+    let mut wset = img.clone().into_os_string();
+    wset.push(".wset");
+    assert!(std::path::Path::new(&wset).exists());
+    let mut faults = std::collections::HashMap::new();
+    for (mode, prefetch) in [
+        ("minor", "recorded"),
+        ("minor", "none"),
+        ("missing", "sequential"),
+    ] {
+        let v = resume(&["--mode", mode, "--prefetch", prefetch]);
+        assert_eq!(v["matches_reference"], true, "{mode} {prefetch}: {v}");
+        assert_eq!(v["restore"]["mode"], mode);
+        faults.insert(prefetch, v["restore"]["faults_served"].as_u64().unwrap());
+    }
+    // Replaying the working set spares the guest most of its faults.
+    assert!(faults["recorded"] < faults["none"], "{faults:?}");
+    // Minor mode needs memory with a page cache.
+    let out = livepage()
+        .args([
+            "vm", "resume", "--lazy", "--mode", "minor", "--memory", "anon",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("minor mode needs shmem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A damaged working set is refused by name.
+    std::fs::write(&wset, b"LPWSET\0\0garbage").unwrap();
+    let out = livepage()
+        .args(["vm", "resume", "--lazy", "--prefetch", "recorded"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a usable working set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_page_corrupted_on_disk_fails_a_lazy_resume_closed() {
+    if !kvm_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = snapshot(dir.path(), "anon");
+    // Flip a byte inside the first stored page of guest data.
+    let image = livepage_image::Image::open(&img).unwrap();
+    let data_page = (0..image.pages())
+        .rev()
+        .find(|g| {
+            matches!(
+                image.page_state(*g),
+                Some((livepage_image::PageState::Data, _))
+            )
+        })
+        .unwrap();
+    let off = image.page_offset(0, data_page) + 100;
+    drop(image);
+    let f = std::fs::File::options().write(true).open(&img).unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&img).unwrap(), &mut b, off)
+        .unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], off).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = livepage()
+        .args(["vm", "resume", "--lazy"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum") || err.contains("corrupt"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+}
