@@ -282,9 +282,11 @@ impl How {
         dont_wake: false,
         write: false,
     };
-    fn fault(pf: &PageFault) -> How {
+    /// A fault of a batch of `batch` faults: only a real batch defers its
+    /// wakes (one fault is woken by its own ioctl, saving a syscall).
+    fn fault(pf: &PageFault, batch: usize) -> How {
         How {
-            dont_wake: true,
+            dont_wake: batch > 1,
             write: pf.is_write(),
         }
     }
@@ -1016,7 +1018,7 @@ impl Shared {
         }
     }
 
-    fn serve_fault(&self, ui: usize, pf: PageFault, w: &mut Worker) {
+    fn serve_fault(&self, ui: usize, pf: PageFault, batch: usize, w: &mut Worker) {
         let t0 = Instant::now();
         let Some((r, p)) = self.regions.locate(pf.address) else {
             return;
@@ -1030,7 +1032,7 @@ impl Shared {
             if self.record {
                 w.touches.push((now, g));
             }
-            if self.place(r, p, 1, How::fault(&pf), w) {
+            if self.place(r, p, 1, How::fault(&pf, batch), w) {
                 self.faults.fetch_add(1, Ordering::Relaxed);
                 w.latencies.push(t0.elapsed().as_nanos() as u64);
             }
@@ -1046,7 +1048,7 @@ impl Shared {
                     Err(e) => Err(e.into()),
                 }
             } else {
-                self.fill(r, p, 1, How::fault(&pf), w)
+                self.fill(r, p, 1, How::fault(&pf, batch), w)
             };
             if let Err(e) = res {
                 self.set_error(e);
@@ -1076,7 +1078,8 @@ impl Shared {
 
     fn serve_pending(&self, w: &mut Worker) {
         while let Some((ui, pf)) = w.pending.pop() {
-            self.serve_fault(ui, pf, w);
+            let batch = w.pending.len() + 1;
+            self.serve_fault(ui, pf, batch, w);
         }
         self.flush_wakes(w);
     }
@@ -1093,9 +1096,13 @@ impl Shared {
                 Ok(e) => e.collect(),
                 Err(_) => return,
             };
+            let batch = evs
+                .iter()
+                .filter(|e| matches!(e, Event::PageFault(_)))
+                .count();
             for ev in evs {
                 match ev {
-                    Event::PageFault(pf) => self.serve_fault(ui, pf, w),
+                    Event::PageFault(pf) => self.serve_fault(ui, pf, batch, w),
                     Event::Remove { start, end } => self.on_remove(start, end),
                     _ => {}
                 }

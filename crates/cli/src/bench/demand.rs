@@ -114,7 +114,7 @@ fn serve(uffds: &[Arc<Uffd>], handlers: usize, path: Path) -> anyhow::Result<Ser
     Ok(Served { stop, threads })
 }
 
-fn one_run(
+pub fn one_run(
     path: Path,
     vcpus: u32,
     mem_per_vcpu: u64,

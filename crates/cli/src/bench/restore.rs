@@ -78,7 +78,10 @@ pub struct RestoreRow {
 pub struct DemandRow {
     pub mode: Mode,
     pub vcpus: u32,
+    /// "no uffd", "raw loop" or "livepage-restore".
+    pub server: String,
     pub handlers: usize,
+    pub uffds: usize,
     pub pages: u64,
     pub seconds: f64,
     pub pages_per_sec: f64,
@@ -213,7 +216,7 @@ fn demand_run(
     mode: Mode,
     vcpus: u32,
     mem_per_vcpu: u64,
-    handlers: Option<usize>,
+    handlers: Option<(usize, usize)>,
 ) -> anyhow::Result<(u64, f64)> {
     let ram = (DATA_START + u64::from(vcpus) * mem_per_vcpu).next_multiple_of(2 << 20);
     let spec = VmSpec {
@@ -234,12 +237,12 @@ fn demand_run(
     drop(prepared);
     let region = Arc::new(Region::new(kind, ram as usize)?);
     let restore = match handlers {
-        Some(h) => {
+        Some((h, uffds)) => {
             let source = Arc::new(livepage_restore::MemorySource::new(vec![bytes], &[4096])?);
             let opts = RestoreOptions {
                 mode,
                 handlers: h,
-                uffds: 1,
+                uffds,
                 prefetch: Prefetch::None,
                 zero_runs_to_kernel: None,
                 ..RestoreOptions::default()
@@ -403,21 +406,42 @@ pub fn run(args: &RestoreBenchArgs) -> anyhow::Result<RestoreReport> {
                 demand_run(mode, v, args.mem_per_vcpu.min(4 << 20), None)?;
                 let (pages, base) = demand_run(mode, v, args.mem_per_vcpu, None)?;
                 bar.inc(1);
-                let mut push = |h: usize, seconds: f64| {
+                let mut push = |server: &str, h: usize, uffds: usize, seconds: f64| {
                     demand.push(DemandRow {
                         mode,
                         vcpus: v,
+                        server: server.into(),
                         handlers: h,
+                        uffds,
                         pages,
                         seconds,
                         pages_per_sec: pages as f64 / seconds,
                         vs_no_uffd: base / seconds,
                     })
                 };
-                push(0, base);
+                push("no uffd", 0, 0, base);
+                // The peer: a bare poll/read/ioctl loop on one userfaultfd.
+                let path = match mode {
+                    Mode::Missing => super::faults::Path::AnonCopy,
+                    Mode::Minor => super::faults::Path::ShmemContinue,
+                };
+                let (_, raw, _) = super::demand::one_run(
+                    path,
+                    v,
+                    args.mem_per_vcpu,
+                    Some(super::demand::Layout::Shared),
+                    1,
+                )?;
+                push("raw loop", 1, 1, raw);
                 for &h in &args.demand_handlers {
-                    let (_, s) = demand_run(mode, v, args.mem_per_vcpu, Some(h))?;
-                    push(h, s);
+                    let mut layouts = vec![1usize];
+                    if v > 1 {
+                        layouts.push(v as usize);
+                    }
+                    for uffds in layouts {
+                        let (_, s) = demand_run(mode, v, args.mem_per_vcpu, Some((h, uffds)))?;
+                        push("livepage-restore", h, uffds, s);
+                    }
                     bar.inc(1);
                 }
             }
@@ -479,24 +503,31 @@ pub fn render(r: &RestoreReport) -> String {
     }
     out.push_str(&t.render());
     if !r.demand.is_empty() {
-        out.push_str("\ntest VM demand paging through the restore engine (each vCPU writes every page of its slice once)\n");
+        out.push_str("\ntest VM demand paging through the restore engine (each vCPU writes every page of its slice once; prefetch off; the raw loop serves the same faults with bare ioctls: zero pages for missing, a page cache filled beforehand for minor)\n");
         let mut t = Table::new([
             "mode",
             "vCPUs",
+            "served by",
             "handlers",
+            "uffds",
             "pages",
             "pages/s",
             "vs no uffd",
         ]);
         for d in &r.demand {
+            let n = |x: usize| {
+                if x == 0 {
+                    "-".to_string()
+                } else {
+                    x.to_string()
+                }
+            };
             t.row([
                 format!("{:?}", d.mode).to_lowercase(),
                 d.vcpus.to_string(),
-                if d.handlers == 0 {
-                    "no uffd".into()
-                } else {
-                    d.handlers.to_string()
-                },
+                d.server.clone(),
+                n(d.handlers),
+                n(d.uffds),
                 d.pages.to_string(),
                 si(d.pages_per_sec),
                 format!("{:.2}", d.vs_no_uffd),
