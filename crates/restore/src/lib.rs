@@ -545,11 +545,27 @@ impl Restore {
     /// touched are placed now, in this thread), stops the handlers,
     /// unregisters, and returns the statistics.
     pub fn wait(mut self) -> Result<RestoreStats, RestoreError> {
-        // This thread helps the prefetcher (or, without one, does its work):
-        // claim bits keep the two from placing a page twice.
+        // This thread helps the prefetcher (or, without one, does its work),
+        // with one more thread per otherwise idle CPU: claim bits keep them
+        // from placing a page twice.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = 1 + usize::from(self.prefetcher.is_some());
+        let helpers: Vec<_> = (0..cpus.saturating_sub(busy).min(3))
+            .filter_map(|_| {
+                let s = self.shared.clone();
+                let slot = self.handler_count + 1;
+                std::thread::Builder::new()
+                    .name("lp-fill".into())
+                    .spawn(move || s.guarded(slot, |s, w| s.prefetch(&Prefetch::Sequential, w)))
+                    .ok()
+            })
+            .collect();
         let slot = self.handler_count + 1;
         self.shared
             .guarded(slot, |s, w| s.prefetch(&Prefetch::Sequential, w));
+        for h in helpers {
+            let _ = h.join();
+        }
         if let Some(p) = self.prefetcher.take() {
             let _ = p.join();
         }
@@ -799,7 +815,17 @@ impl Shared {
         let mut marked = false;
         while a < end {
             let Some((r, p)) = self.regions.locate(a) else {
-                a += 4096;
+                // Not ours: skip to the next region above, if any.
+                match self
+                    .regions
+                    .iter()
+                    .map(|t| t.region.addr() as u64)
+                    .filter(|b| *b > a)
+                    .min()
+                {
+                    Some(next) => a = next,
+                    None => break,
+                }
                 continue;
             };
             let t = &self.regions[r];
