@@ -243,6 +243,8 @@ struct Shared {
     done: PageBitmap,
     done_count: AtomicU64,
     any_removed: AtomicBool,
+    /// Set once the zero runs were handed to the kernel (or there are none to hand).
+    zero_runs_done: AtomicBool,
     removed: Mutex<Vec<RangeSet>>,
     source: Arc<dyn PageSource>,
     poison: bool,
@@ -450,6 +452,7 @@ pub fn start(
         done,
         done_count: AtomicU64::new(0),
         any_removed: AtomicBool::new(false),
+        zero_runs_done: AtomicBool::new(opts.zero_runs_to_kernel.is_none()),
         source,
         poison,
         faults: AtomicU64::new(0),
@@ -485,7 +488,8 @@ pub fn start(
                 .map_err(|e| RestoreError::Other(format!("spawning a handler thread: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let prefetcher = match opts.prefetch {
+    let zero_min = opts.zero_runs_to_kernel;
+    let prefetcher = match opts.prefetch.clone() {
         Prefetch::None => None,
         policy => {
             let s = shared.clone();
@@ -493,12 +497,25 @@ pub fn start(
             Some(
                 std::thread::Builder::new()
                     .name("lp-prefetch".into())
-                    .spawn(move || s.guarded(slot, |s, w| s.prefetch(&policy, w)))
+                    .spawn(move || {
+                        s.guarded(slot, |s, w| {
+                            // Zero runs first: cheap, and then nobody copies them.
+                            if let Some(min) = zero_min {
+                                s.hand_zero_runs_to_kernel(min, w);
+                            }
+                            s.prefetch(&policy, w)
+                        })
+                    })
                     .map_err(|e| RestoreError::Other(format!("spawning the prefetcher: {e}")))?,
             )
         }
     };
-    let zero_runs = opts.zero_runs_to_kernel.and_then(|min| {
+    // Without a prefetcher the zero runs get a thread of their own.
+    let zero_runs = match opts.prefetch {
+        Prefetch::None => opts.zero_runs_to_kernel,
+        _ => None,
+    }
+    .and_then(|min| {
         let s = shared.clone();
         let slot = handler_count + 2;
         std::thread::Builder::new()
@@ -548,6 +565,12 @@ impl Restore {
         // This thread helps the prefetcher (or, without one, does its work),
         // with one more thread per otherwise idle CPU: claim bits keep them
         // from placing a page twice.
+        // The zero runs go to the kernel before anyone sweeps over them.
+        while !self.shared.zero_runs_done.load(Ordering::Acquire)
+            && !self.shared.failed.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let busy = 1 + usize::from(self.prefetcher.is_some());
         let helpers: Vec<_> = (0..cpus.saturating_sub(busy).min(3))
@@ -1239,6 +1262,11 @@ impl Shared {
     /// Unregisters large zero runs the source knows of, so the kernel serves
     /// them with no round trip. Runs only over pages nobody claimed yet.
     fn hand_zero_runs_to_kernel(&self, min_bytes: usize, w: &mut Worker) {
+        self.zero_runs_to_kernel(min_bytes, w);
+        self.zero_runs_done.store(true, Ordering::Release);
+    }
+
+    fn zero_runs_to_kernel(&self, min_bytes: usize, w: &mut Worker) {
         // Each run splits a VMA: keep the count far from vm.max_map_count.
         let mut budget = 1024usize;
         for (ri, t) in self.regions.iter().enumerate() {
