@@ -303,6 +303,8 @@ struct Worker {
     pending: Vec<(usize, PageFault)>,
     /// Ranges resolved with DONTWAKE: (uffd, start, len).
     wakes: Vec<(usize, usize, usize)>,
+    /// Faults left to another placer: (uffd, global page), re-checked until done.
+    waiting: Vec<(usize, u64)>,
     latencies: Vec<u64>,
     touches: Vec<(u64, u64)>,
 }
@@ -315,6 +317,7 @@ impl Worker {
             events: EventBuffer::new(64),
             pending: Vec::new(),
             wakes: Vec::new(),
+            waiting: Vec::new(),
             latencies: Vec::with_capacity(4096),
             touches: Vec::new(),
         }
@@ -428,9 +431,8 @@ pub fn start(
     // Register every slice whole: O(1) in the image size. Zero runs are
     // handed to the kernel afterwards, in the background. On error the uffds
     // are dropped, which unregisters what was registered.
-    for t in table.iter() {
+    for (t, &sp) in table.iter().zip(&slice_pages) {
         for (ui, uffd) in uffds.iter().enumerate() {
-            let sp = t.pages.div_ceil(n_uffd as u64).max(1);
             let a = (ui as u64 * sp).min(t.pages);
             let b = ((ui as u64 + 1) * sp).min(t.pages);
             if b > a {
@@ -479,22 +481,48 @@ pub fn start(
     });
     shared.note_done(0);
     let stop = Arc::new(EventFd::new().map_err(|e| RestoreError::Other(format!("eventfd: {e}")))?);
-    let handlers = (0..handler_count)
-        .map(|i| {
-            let (s, stop) = (shared.clone(), stop.clone());
+    // Built first so that a failure to start a thread drops it: Drop stops
+    // what was started and fails the rest closed.
+    let mut restore = Restore {
+        shared: shared.clone(),
+        handlers: Vec::new(),
+        prefetcher: None,
+        zero_runs: None,
+        watchdog: None,
+        stop: stop.clone(),
+        stop_watchdog: Arc::new(AtomicBool::new(false)),
+        handler_count,
+    };
+    let spawn_err =
+        |what: &str, e: std::io::Error| RestoreError::Other(format!("spawning {what}: {e}"));
+    for i in 0..handler_count {
+        let (s, stop) = (shared.clone(), stop.clone());
+        restore.handlers.push(
             std::thread::Builder::new()
                 .name(format!("lp-fault-{i}"))
                 .spawn(move || s.guarded(i, |s, w| s.handler_loop(i % s.uffds.len(), &stop, w)))
-                .map_err(|e| RestoreError::Other(format!("spawning a handler thread: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+                .map_err(|e| spawn_err("a handler thread", e))?,
+        );
+    }
     let zero_min = opts.zero_runs_to_kernel;
-    let prefetcher = match opts.prefetch.clone() {
-        Prefetch::None => None,
+    match opts.prefetch.clone() {
+        Prefetch::None => {
+            // Without a prefetcher the zero runs get a thread of their own.
+            if let Some(min) = zero_min {
+                let s = shared.clone();
+                let slot = handler_count + 2;
+                restore.zero_runs = Some(
+                    std::thread::Builder::new()
+                        .name("lp-zero-runs".into())
+                        .spawn(move || s.guarded(slot, |s, w| s.hand_zero_runs_to_kernel(min, w)))
+                        .map_err(|e| spawn_err("the zero-run task", e))?,
+                );
+            }
+        }
         policy => {
             let s = shared.clone();
             let slot = handler_count;
-            Some(
+            restore.prefetcher = Some(
                 std::thread::Builder::new()
                     .name("lp-prefetch".into())
                     .spawn(move || {
@@ -506,42 +534,19 @@ pub fn start(
                             s.prefetch(&policy, w)
                         })
                     })
-                    .map_err(|e| RestoreError::Other(format!("spawning the prefetcher: {e}")))?,
-            )
+                    .map_err(|e| spawn_err("the prefetcher", e))?,
+            );
         }
-    };
-    // Without a prefetcher the zero runs get a thread of their own.
-    let zero_runs = match opts.prefetch {
-        Prefetch::None => opts.zero_runs_to_kernel,
-        _ => None,
     }
-    .and_then(|min| {
-        let s = shared.clone();
-        let slot = handler_count + 2;
-        std::thread::Builder::new()
-            .name("lp-zero-runs".into())
-            .spawn(move || s.guarded(slot, |s, w| s.hand_zero_runs_to_kernel(min, w)))
-            .ok()
-    });
-    let stop_watchdog = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (s, halt) = (shared.clone(), stop_watchdog.clone());
-        let (limit, report) = (opts.watchdog, opts.on_stall.clone());
+    let (s, halt) = (shared.clone(), restore.stop_watchdog.clone());
+    let (limit, report) = (opts.watchdog, opts.on_stall.clone());
+    restore.watchdog = Some(
         std::thread::Builder::new()
             .name("lp-watchdog".into())
             .spawn(move || s.watch(limit, report.as_ref(), &halt))
-            .ok()
-    };
-    Ok(Restore {
-        shared,
-        handlers,
-        prefetcher,
-        zero_runs,
-        watchdog,
-        stop,
-        stop_watchdog,
-        handler_count,
-    })
+            .map_err(|e| spawn_err("the watchdog", e))?,
+    );
+    Ok(restore)
 }
 
 impl Restore {
@@ -728,7 +733,12 @@ impl Shared {
     /// leaving faulting threads to hang.
     fn guarded(self: &Arc<Self>, slot: usize, body: impl FnOnce(&Shared, &mut Worker)) {
         let mut w = Worker::new(slot, self.max_chunk);
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| body(self, &mut w)));
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            body(self, &mut w);
+            // Faults this worker read while draining events for an EAGAIN
+            // are served before it goes: nobody else will see them again.
+            self.serve_pending(&mut w);
+        }));
         if let Ok(mut l) = self.latencies.lock() {
             l.append(&mut w.latencies);
         }
@@ -958,6 +968,9 @@ impl Shared {
                 }) if via_alias => off += ps,
                 // The memory's owner is gone (a served process exited): nothing to do.
                 Err(RangeError::TargetGone { .. }) => return Ok(()),
+                // Unregistered meanwhile (a zero run handed to the kernel, or the
+                // restore finishing): the kernel serves the range now.
+                Err(RangeError::NotRegistered { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1102,9 +1115,29 @@ impl Shared {
             if let Err(e) = res {
                 self.set_error(e);
             }
+        } else {
+            // Someone else is placing it: their ioctl wakes this fault. It is
+            // kept and woken again once done, in case that wake came first.
+            w.waiting.push((ui, g));
         }
-        // Otherwise someone else is placing it: their ioctl wakes this fault.
         self.demand.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Wakes the faults this handler left to another placer whose pages are
+    /// now done. Normally the placer's ioctl (or an unregister) already woke
+    /// them and this is a no-op; it makes sure no ordering of the two leaves
+    /// a thread asleep.
+    fn wake_waiting(&self, w: &mut Worker) {
+        w.waiting.retain(|&(ui, g)| {
+            if !self.done.get(g as usize) {
+                return true;
+            }
+            if let Some((r, p)) = self.regions.locate_global(g) {
+                let _ =
+                    self.uffds[ui].wake(self.regions.page_addr(r, p), self.regions[r].page_size);
+            }
+            false
+        });
     }
 
     fn flush_wakes(&self, w: &mut Worker) {
@@ -1136,11 +1169,14 @@ impl Shared {
     fn handler_loop(&self, ui: usize, stop: &EventFd, w: &mut Worker) {
         let uffd = &self.uffds[ui];
         loop {
-            match poll_readable([uffd.as_fd(), stop.as_fd()], -1) {
+            // Faults left to other placers are re-checked every few ms.
+            let timeout = if w.waiting.is_empty() { -1 } else { 5 };
+            match poll_readable([uffd.as_fd(), stop.as_fd()], timeout) {
                 Ok(r) if r[1] => return,
                 Ok(_) => {}
                 Err(_) => return,
             }
+            self.wake_waiting(w);
             let evs: Vec<Event> = match uffd.read_events(&mut w.events) {
                 Ok(e) => e.collect(),
                 Err(_) => return,
@@ -1297,6 +1333,7 @@ impl Shared {
                     } else if self.place(r, q, n, How::PREFETCH, w) {
                         self.prefetched.fetch_add(n, Ordering::Relaxed);
                     }
+                    self.serve_pending(w);
                     p = q + n;
                 }
             }
