@@ -764,7 +764,11 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         if let Some(st) = &restore_stats {
             t.row([
                 "until the vCPUs run".to_string(),
-                format!("{:.2} ms (lazy)", to_run.as_secs_f64() * 1e3),
+                format!(
+                    "{:.2} ms (memory usable after {:.2} ms, then the VM is created)",
+                    to_run.as_secs_f64() * 1e3,
+                    load.as_secs_f64() * 1e3
+                ),
             ]);
             restore_rows(&mut t, st);
         } else {
