@@ -329,3 +329,49 @@ fn a_snapshot_that_breaks_mid_serving_fails_closed() {
     );
     drop(s);
 }
+
+#[test]
+fn serves_a_hugetlbfs_guest_in_2_mib_pages() {
+    if !ok() {
+        return;
+    }
+    let size = 8 << 20;
+    let r = match Region::new(MemoryKind::Hugetlb, size) {
+        Ok(r) => r,
+        Err(e) => {
+            livepage_testutil::skip("serve_firecracker_hugetlb", &e.to_string());
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = memory();
+    want.truncate(size);
+    // The second huge page is all zeros in the snapshot.
+    want[2 << 20..4 << 20].fill(0);
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let srv = server(dir.path(), &["--mem-file", mem.to_str().unwrap()], 1);
+    let u = UffdBuilder::new()
+        .non_blocking(true)
+        .user_mode_only(false)
+        .features(Features::EVENT_REMOVE | Features::MISSING_HUGETLBFS)
+        .create()
+        .unwrap();
+    r.register(&u, RegisterMode::MISSING).unwrap();
+    let s = UnixStream::connect(&srv.socket).unwrap();
+    let body = format!("[{}]", mapping(r.addr(), size, 0, 2 << 20));
+    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    let mut got = vec![0u8; size];
+    r.read(0, &mut got).unwrap();
+    assert!(got == want, "served huge pages differ from the snapshot");
+    // A balloon takes the third huge page: it comes back as zeros.
+    r.discard(4 << 20, 2 << 20).unwrap();
+    assert_eq!(r.read_u64((4 << 20) + 8).unwrap(), 0);
+    assert_ne!(r.read_u64((6 << 20) + 8).unwrap(), 0);
+    drop(s);
+    let ev = events(&srv, 2);
+    assert_eq!(ev[1]["event"], "finished", "{ev:?}");
+    // 4 huge pages once (one of them zero), then the discarded one again as zeros.
+    assert_eq!(ev[1]["faults"].as_u64().unwrap(), 3, "{ev:?}");
+    assert_eq!(ev[1]["zero_faults"].as_u64().unwrap(), 2, "{ev:?}");
+}
