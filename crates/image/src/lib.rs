@@ -1217,6 +1217,52 @@ mod tests {
     }
 
     #[test]
+    fn run_reads_equal_page_reads_across_a_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, base_id) = write_sample(dir.path());
+        let delta = dir.path().join("delta");
+        let w = ImageWriter::create(&delta, &regions(), Some(base_id)).unwrap();
+        for p in [2u64, 3, 4] {
+            w.write_page(p, &vec![0x70 + p as u8; 4096]).unwrap();
+        }
+        w.mark_zero(15);
+        w.finish().unwrap();
+        let chain = Chain::open(&delta).unwrap();
+        // Every run of region 0 (pages from the base, the delta and holes).
+        for first in 0..16u64 {
+            for n in 1..=16 - first {
+                let mut run = vec![0xaau8; n as usize * 4096];
+                let any = chain.read_pages(0, first, &mut run).unwrap();
+                let mut page = vec![0u8; 4096];
+                let mut want_any = false;
+                for k in 0..n {
+                    chain.read_page(0, first + k, &mut page).unwrap();
+                    want_any |= page.iter().any(|b| *b != 0);
+                    assert!(run[k as usize * 4096..(k as usize + 1) * 4096] == page[..]);
+                }
+                assert_eq!(any, want_any, "pages {first}+{n}");
+            }
+        }
+        let mut huge = vec![0u8; 4 << 20];
+        assert!(chain.read_pages(1, 0, &mut huge).unwrap());
+        assert!(huge[2 << 20..].iter().all(|b| *b == 9));
+        // Runs past the region and partial pages are refused.
+        assert!(chain.read_pages(0, 15, &mut vec![0u8; 8192]).is_err());
+        assert!(chain.read_pages(0, 0, &mut vec![0u8; 100]).is_err());
+        // A corrupt page inside a run is named.
+        let off = chain.images()[0].page_offset(0, 3);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&delta)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0], off + 5).unwrap();
+        let e = chain
+            .read_pages(0, 2, &mut vec![0u8; 3 * 4096])
+            .unwrap_err();
+        assert!(matches!(e, ImageError::PageCorrupt { page: 3, .. }), "{e}");
+    }
+
+    #[test]
     fn chains_resolve_merge_and_name_missing_parents() {
         let dir = tempfile::tempdir().unwrap();
         let (base, base_id) = write_sample(dir.path());
