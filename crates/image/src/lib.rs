@@ -1247,8 +1247,8 @@ mod tests {
         assert!(chain.read_pages(1, 0, &mut huge).unwrap());
         assert!(huge[2 << 20..].iter().all(|b| *b == 9));
         // Runs past the region and partial pages are refused.
-        assert!(chain.read_pages(0, 15, &mut vec![0u8; 8192]).is_err());
-        assert!(chain.read_pages(0, 0, &mut vec![0u8; 100]).is_err());
+        assert!(chain.read_pages(0, 15, &mut [0u8; 8192]).is_err());
+        assert!(chain.read_pages(0, 0, &mut [0u8; 100]).is_err());
         // A corrupt page inside a run is named.
         let off = chain.images()[0].page_offset(0, 3);
         let f = std::fs::OpenOptions::new()
