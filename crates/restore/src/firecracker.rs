@@ -308,31 +308,14 @@ pub struct VmStats {
 /// Poisons every page of `maps` that is not mapped yet. Returns whether the
 /// kernel accepted it (UFFDIO_POISON, Linux 6.6).
 pub fn poison_all(uffd: &Uffd, maps: &[GuestRegionUffdMapping]) -> bool {
+    // Every region, even after one failed.
     let mut ok = true;
     for m in maps {
-        let (base, len, ps) = (
-            m.base_host_virt_addr as usize,
-            m.size as usize,
-            m.page_bytes() as usize,
-        );
-        let mut off = 0;
-        while off < len {
-            match uffd.poison(base + off, len - off, false) {
-                Ok(Resolved::All) => break,
-                Ok(Resolved::Partial { bytes }) => off += bytes as usize,
-                // Already served: skip that page.
-                Ok(Resolved::AlreadyPresent) => off += ps,
-                // A remove is pending: read it (the VMM waits for that), then retry.
-                Ok(Resolved::EventPending) => {
-                    let mut b = EventBuffer::new(16);
-                    let _ = uffd.read_events(&mut b);
-                }
-                Err(_) => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
+        let base = m.base_host_virt_addr as usize;
+        // Serving has ended: a pending discard only needs to be read.
+        ok &= uffd
+            .poison_holes(base, m.size as usize, m.page_bytes() as usize, |_| {})
+            .is_ok();
     }
     ok
 }

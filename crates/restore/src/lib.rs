@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod firecracker;
+mod le;
 mod source;
 pub mod tcp;
 mod wset;
@@ -301,6 +302,8 @@ struct Worker {
     events: EventBuffer,
     /// Faults read while draining events for an EAGAIN, served next.
     pending: Vec<(usize, PageFault)>,
+    /// The handler's current batch of events (kept to spare an allocation per batch).
+    batch: Vec<Event>,
     /// Ranges resolved with DONTWAKE: (uffd, start, len).
     wakes: Vec<(usize, usize, usize)>,
     /// Faults left to another placer: (uffd, global page), re-checked until done.
@@ -316,6 +319,7 @@ impl Worker {
             buf: vec![0u8; buf_len],
             events: EventBuffer::new(64),
             pending: Vec::new(),
+            batch: Vec::with_capacity(64),
             wakes: Vec::new(),
             waiting: Vec::new(),
             latencies: Vec::with_capacity(4096),
@@ -805,15 +809,12 @@ impl Shared {
                 let len = (e - p) as usize * t.page_size;
                 let lost = e - p;
                 if self.poison {
-                    let mut off = 0;
-                    while off < len {
-                        match self.uffds[ui].poison(addr + off, len - off, false) {
-                            Ok(Resolved::Partial { bytes }) => off += bytes as usize,
-                            Ok(Resolved::AlreadyPresent) => off += t.page_size,
-                            Ok(Resolved::EventPending) => std::thread::yield_now(),
-                            Ok(Resolved::All) | Err(_) => break,
+                    // Reads a pending discard itself: this may be the only reader.
+                    let _ = self.uffds[ui].poison_holes(addr, len, t.page_size, |ev| {
+                        if let Event::Remove { start, end } = ev {
+                            self.on_remove(start, end);
                         }
-                    }
+                    });
                 } else {
                     // No UFFDIO_POISON (Linux < 6.6): unregister so nobody hangs.
                     let _ =
@@ -1087,7 +1088,7 @@ impl Shared {
         };
         let g = self.regions[r].first + p;
         self.demand.fetch_add(1, Ordering::AcqRel);
-        let now = self.now_ns();
+        let now = t0.duration_since(self.epoch).as_nanos() as u64 + 1;
         self.last_fault_ns.store(now, Ordering::Relaxed);
         self.hint.store(g + 1, Ordering::Relaxed);
         if self.claimed.set(g as usize) {
@@ -1177,21 +1178,23 @@ impl Shared {
                 Err(_) => return,
             }
             self.wake_waiting(w);
-            let evs: Vec<Event> = match uffd.read_events(&mut w.events) {
-                Ok(e) => e.collect(),
+            let mut evs = std::mem::take(&mut w.batch);
+            match uffd.read_events(&mut w.events) {
+                Ok(e) => evs.extend(e),
                 Err(_) => return,
-            };
+            }
             let batch = evs
                 .iter()
                 .filter(|e| matches!(e, Event::PageFault(_)))
                 .count();
-            for ev in evs {
+            for ev in evs.drain(..) {
                 match ev {
                     Event::PageFault(pf) => self.serve_fault(ui, pf, batch, w),
                     Event::Remove { start, end } => self.on_remove(start, end),
                     _ => {}
                 }
             }
+            w.batch = evs;
             self.serve_pending(w);
         }
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::le::{u32_at, u64_at};
 use crate::source::{PageSource, SourceError, SourceRegion};
 
 /// Magic of the server's hello.
@@ -30,15 +31,6 @@ const OP_READ: u32 = 1;
 const STATUS_DATA: u32 = 0;
 const STATUS_ZERO: u32 = 1;
 const STATUS_ERROR: u32 = 2;
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// The hello's bytes.
 pub fn encode_hello(regions: &[SourceRegion]) -> Vec<u8> {

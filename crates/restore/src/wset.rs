@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::le::{u32_at, u64_at};
+
 const MAGIC: &[u8; 8] = b"LPWSET\0\0";
 const VERSION: u32 = 1;
 const HEADER: usize = 32;
@@ -77,20 +79,14 @@ impl WorkingSet {
         if b.len() < HEADER + 4 || &b[..8] != MAGIC {
             return Err("no working set header (magic LPWSET)".into());
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
-        let version = u32_at(8);
+        let version = u32_at(b, 8);
         if version != VERSION {
             return Err(format!(
                 "version {version}, this build reads version {VERSION}"
             ));
         }
-        let total_pages = u64_at(16);
-        let count = u64_at(24);
+        let total_pages = u64_at(b, 16);
+        let count = u64_at(b, 24);
         let want = count
             .checked_mul(8)
             .and_then(|n| n.checked_add((HEADER + 4) as u64))
@@ -102,11 +98,11 @@ impl WorkingSet {
             ));
         }
         let body = b.len() - 4;
-        if u32_at(body) != crc32c::crc32c(&b[..body]) {
+        if u32_at(b, body) != crc32c::crc32c(&b[..body]) {
             return Err("checksum mismatch (corrupt)".into());
         }
         let pages: Vec<u64> = (0..count as usize)
-            .map(|i| u64_at(HEADER + i * 8))
+            .map(|i| u64_at(b, HEADER + i * 8))
             .collect();
         if let Some(p) = pages.iter().find(|p| **p >= total_pages) {
             return Err(format!(

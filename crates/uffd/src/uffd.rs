@@ -719,6 +719,44 @@ impl Uffd {
         outcome(Op::Poison, start, len, ret, arg.updated)
     }
 
+    /// Fails a range closed: poisons every page of `[start, start+len)` that
+    /// is not mapped (mapped pages, EEXIST, are skipped), in `page_size` steps
+    /// past them. Events pending in the way (EAGAIN) are read and handed to
+    /// `on_event` (their senders wait for that); the page faults among them
+    /// are not answered one by one: the range is woken at the end, so their
+    /// threads retry and find a page or a poison marker.
+    pub fn poison_holes(
+        &self,
+        start: usize,
+        len: usize,
+        page_size: usize,
+        mut on_event: impl FnMut(Event),
+    ) -> Result<(), RangeError> {
+        let mut events = EventBuffer::new(16);
+        let mut off = 0;
+        while off < len {
+            match self.poison(start + off, len - off, false)? {
+                Resolved::All => break,
+                Resolved::Partial { bytes } => off += bytes as usize,
+                Resolved::AlreadyPresent => off += page_size,
+                Resolved::EventPending => {
+                    for ev in self
+                        .read_events(&mut events)
+                        .map_err(|_| RangeError::Kernel {
+                            op: Op::Poison,
+                            start: (start + off) as u64,
+                            len: (len - off) as u64,
+                            errno: Errno::AGAIN,
+                        })?
+                    {
+                        on_event(ev);
+                    }
+                }
+            }
+        }
+        self.wake(start, len)
+    }
+
     /// `UFFDIO_MOVE`: remaps the pages of `[src, src+len)` to `dst` (registered)
     /// without copying. Source holes count as moved with `allow_src_holes`;
     /// otherwise they fail with ENOENT.
