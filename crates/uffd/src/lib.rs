@@ -39,7 +39,9 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod builder;
 mod errno;
+mod error;
 pub mod event;
 pub mod fdpass;
 mod flags;
@@ -50,12 +52,11 @@ pub mod probe;
 pub mod reference;
 mod uffd;
 
+pub use builder::{Source, UffdBuilder};
 pub use errno::Errno;
+pub use error::{CreateError, Op, RangeError, ReadError};
 pub use event::{Event, EventBuffer, PageFault};
 pub use flags::{Categories, FaultFlags, Features, Ioctls, RegisterMode, ScanFlags};
 pub use livepage_sys as sys;
 pub use pagemap::{PageRegion, Pagemap, Scan, ScanError, ScanRequest};
-pub use uffd::{
-    BASE_PAGE, CopyMode, CreateError, Op, RangeError, ReadError, Resolved, Source, Uffd,
-    UffdBuilder,
-};
+pub use uffd::{BASE_PAGE, CopyMode, Resolved, Uffd};

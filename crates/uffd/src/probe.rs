@@ -14,7 +14,7 @@ use crate::errno::Errno;
 use crate::flags::{Features, Ioctls, RegisterMode};
 use crate::mm::{AnonOptions, HugePageSize, Mapping, memfd_create};
 use crate::pagemap::Pagemap;
-use crate::uffd::{CreateError, Source, UffdBuilder};
+use crate::{CreateError, Source, UffdBuilder};
 
 /// How this process may create a userfaultfd.
 #[derive(Debug, Clone, Serialize)]
