@@ -207,9 +207,7 @@ fn a_worker_drains_and_serves_what_it_read() {
             while policy.served.load(Ordering::Relaxed) == 0
                 && t0.elapsed() < Duration::from_secs(5)
             {
-                let (mut cx, _) = w.split(policy);
-                let _ = cx.drain(0);
-                drop(cx);
+                let _ = w.split(policy).0.drain(0);
                 w.serve_pending(policy);
             }
         })
