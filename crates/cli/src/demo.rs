@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
+use crate::args::{MemoryArg, ModeArg, PrefetchArg, WorkloadKind};
 use crate::bench::demand::{self, DemandArgs, Layout};
 use crate::bench::faults::{self, FaultsArgs, Path, Strategy};
-use crate::vm::{MemoryArg, RunArgs, WorkloadKind};
+use crate::vm::resume::ResumeArgs;
+use crate::vm::run::RunArgs;
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let section = |title: &str| {
@@ -47,7 +49,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("livepage-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("vm.img");
-    let code = crate::vm::run(&RunArgs {
+    let code = crate::vm::run::run(&RunArgs {
         mem: 256 << 20,
         vcpus: 2,
         workload: WorkloadKind::Dirty,
@@ -56,11 +58,11 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         memory: MemoryArg::Shmem,
         snapshot_at: Some(40_000),
         snapshot_out: Some(image.clone()),
-        buffer: 16 << 20,
-        snapshot_handlers: 1,
+        buffer: Some(16 << 20),
+        snapshot_handlers: None,
         checkpoint_every: None,
         checkpoint_dir: None,
-        tracker: crate::vm::TrackerArg::Auto,
+        tracker: None,
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -69,15 +71,15 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     section(
         "the live snapshot, verified and resumed lazily in a new VM (minor mode: page cache filled through a second mapping, UFFDIO_CONTINUE): same checksum as the uninterrupted run",
     );
-    crate::image_cmd::verify(&image, json)?;
-    let code = crate::vm::resume(&crate::vm::ResumeArgs {
+    crate::verify::verify(&image, json)?;
+    let code = crate::vm::resume::resume(&ResumeArgs {
         image: image.clone(),
         memory: None,
         lazy: true,
-        mode: crate::vm::ModeArg::Minor,
-        prefetch: crate::vm::PrefetchArg::Sequential,
-        handlers: 2,
-        uffds: 1,
+        mode: Some(ModeArg::Minor),
+        prefetch: Some(PrefetchArg::Sequential),
+        handlers: Some(2),
+        uffds: None,
         working_set: None,
         record_working_set: false,
         json,
@@ -90,7 +92,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         "incremental checkpoints of the running VM (async write-protect + PAGEMAP_SCAN), then a resume from the middle one",
     );
     let ck = dir.join("checkpoints");
-    let code = crate::vm::run(&RunArgs {
+    let code = crate::vm::run::run(&RunArgs {
         mem: 128 << 20,
         vcpus: 2,
         workload: WorkloadKind::Dirty,
@@ -99,25 +101,25 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         memory: MemoryArg::Anon,
         snapshot_at: None,
         snapshot_out: None,
-        buffer: 0,
-        snapshot_handlers: 1,
+        buffer: None,
+        snapshot_handlers: None,
         checkpoint_every: Some(15_000),
         checkpoint_dir: Some(ck.clone()),
-        tracker: crate::vm::TrackerArg::Auto,
+        tracker: None,
         json,
     })?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    crate::image_cmd::verify(&ck.join("checkpoint-0003.img"), json)?;
-    let code = crate::vm::resume(&crate::vm::ResumeArgs {
+    crate::verify::verify(&ck.join("checkpoint-0003.img"), json)?;
+    let code = crate::vm::resume::resume(&ResumeArgs {
         image: ck.join("checkpoint-0002.img"),
         memory: None,
         lazy: true,
-        mode: crate::vm::ModeArg::Missing,
-        prefetch: crate::vm::PrefetchArg::Sequential,
-        handlers: 2,
-        uffds: 2,
+        mode: Some(ModeArg::Missing),
+        prefetch: Some(PrefetchArg::Sequential),
+        handlers: Some(2),
+        uffds: Some(2),
         working_set: None,
         record_working_set: false,
         json,

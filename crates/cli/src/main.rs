@@ -1,12 +1,19 @@
-//! The livepage command line.
+//! The livepage command line: one module per command, argument types shared
+//! in `args`, the domain code in the libraries.
 #![forbid(unsafe_code)]
 
+mod args;
 mod bench;
 mod demo;
-mod image_cmd;
+mod import;
+mod inspect;
+mod merge;
+mod metrics;
 mod probe;
-mod serve;
+mod progress;
+mod serve_firecracker;
 mod table;
+mod verify;
 mod vm;
 
 use std::process::ExitCode;
@@ -57,7 +64,7 @@ enum Command {
         json: bool,
     },
     /// Check every checksum of an image (and of its parents); on corruption name
-    /// the page and file offset, on a broken chain the missing parent.
+    /// the page and file offset, on a broken chain the missing or corrupt parent.
     Verify {
         /// The image.
         image: std::path::PathBuf,
@@ -66,8 +73,12 @@ enum Command {
         json: bool,
     },
     /// Serve Firecracker VMs' page faults (its UFFD handshake) from its memory
-    /// file or a livepage image, for as many VMs as connect.
-    ServeFirecracker(serve::FirecrackerArgs),
+    /// file or a livepage image, for as many VMs as connect: prefetch, zero
+    /// runs, several handler threads per VM, metrics.
+    ServeFirecracker(serve_firecracker::FirecrackerArgs),
+    /// Turn Firecracker's raw memory file into a livepage image (zero pages
+    /// recorded, every page checksummed).
+    ImportFirecracker(import::ImportArgs),
     /// The main scenario on embedded defaults: probe, then a short fault benchmark.
     Demo {
         /// JSON instead of tables.
@@ -93,17 +104,20 @@ enum BenchCommand {
     /// restore in missing and minor mode with each prefetch policy; then the
     /// test VM's demand paging against handler threads.
     Restore(bench::restore::RestoreBenchArgs),
+    /// Serving Firecracker VMs: time until every page is resident, livepage's
+    /// server (prefetch, zero runs) against Firecracker's fault_all strategy.
+    Firecracker(bench::firecracker::FirecrackerBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum VmCommand {
     /// Run the test VM to completion and check its memory against the host
     /// reference; optionally take a live snapshot on the way.
-    Run(vm::RunArgs),
+    Run(vm::run::RunArgs),
     /// Continue the test VM from a snapshot image (loaded eagerly, or lazily
-    /// with --lazy) and check
-    /// that it ends with the same memory as an uninterrupted run.
-    Resume(vm::ResumeArgs),
+    /// with --lazy) and check that it ends with the same memory as an
+    /// uninterrupted run.
+    Resume(vm::resume::ResumeArgs),
 }
 
 /// Prints benchmark rows as JSON or as the table `render` makes.
@@ -130,6 +144,8 @@ fn main() -> ExitCode {
             .and_then(|rows| report(args.json, &rows, || bench::demand::render(&rows))),
         Command::Bench(BenchCommand::Restore(args)) => bench::restore::run(&args)
             .and_then(|r| report(args.json, &r, || bench::restore::render(&r))),
+        Command::Bench(BenchCommand::Firecracker(args)) => bench::firecracker::run(&args)
+            .and_then(|r| report(args.json, &r, || bench::firecracker::render(&r))),
         Command::Bench(BenchCommand::Snapshot(args)) => {
             bench::snapshot::run(&args).and_then(|rows| {
                 report(args.json, &rows, || {
@@ -137,33 +153,14 @@ fn main() -> ExitCode {
                 })
             })
         }
-        Command::Bench(BenchCommand::Track(args)) => bench::track::run(&args).and_then(|rows| {
-            let vm_rows = if args.no_vm {
-                Vec::new()
-            } else {
-                bench::track::run_vm(args.json)?
-            };
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"regions": rows, "test_vm": vm_rows})
-                    )?
-                );
-            } else {
-                print!("{}", bench::track::render(&rows));
-                if !vm_rows.is_empty() {
-                    print!("\n{}", bench::track::render_vm(&vm_rows));
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Vm(VmCommand::Run(args)) => vm::run(&args),
-        Command::Vm(VmCommand::Resume(args)) => vm::resume(&args),
-        Command::Inspect { image, json } => image_cmd::inspect(&image, json),
-        Command::Verify { image, json } => image_cmd::verify(&image, json),
-        Command::Merge { image, out, json } => image_cmd::merge(&image, &out, json),
-        Command::ServeFirecracker(args) => serve::run(&args),
+        Command::Bench(BenchCommand::Track(args)) => bench::track::main(&args),
+        Command::Vm(VmCommand::Run(args)) => vm::run::run(&args),
+        Command::Vm(VmCommand::Resume(args)) => vm::resume::resume(&args),
+        Command::Inspect { image, json } => inspect::inspect(&image, json),
+        Command::Verify { image, json } => verify::verify(&image, json),
+        Command::Merge { image, out, json } => merge::merge(&image, &out, json),
+        Command::ServeFirecracker(args) => serve_firecracker::run(&args),
+        Command::ImportFirecracker(args) => import::run(&args),
         Command::Demo { json } => demo::run(json),
     };
     match result {

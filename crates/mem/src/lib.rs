@@ -11,6 +11,7 @@
 mod bitmap;
 pub mod hugetlb;
 mod rangeset;
+mod reference;
 mod region;
 mod table;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use livepage_mem::{MemoryKind, Region};
 use livepage_restore::tcp::{PageServer, TcpSource};
 use livepage_restore::{
-    ChainSource, MemorySource, Mode, PageSource, Prefetch, RestoreError, RestoreOptions,
+    ChainSource, Lane, MemorySource, Mode, PageSource, Prefetch, RestoreError, RestoreOptions,
     SourceError, SourceRegion, WorkingSet, start,
 };
 
@@ -114,14 +114,12 @@ fn restored_memory_equals_the_source_in_every_mode() {
             let restore = start(
                 vec![r.clone()],
                 source,
-                RestoreOptions {
-                    mode,
-                    handlers,
-                    uffds,
-                    prefetch,
-                    max_chunk: 64 << 10,
-                    ..RestoreOptions::default()
-                },
+                RestoreOptions::default()
+                    .mode(mode)
+                    .handlers(handlers)
+                    .uffds(uffds)
+                    .prefetch(prefetch)
+                    .max_chunk(64 << 10),
             )
             .unwrap();
             touch_all(&r);
@@ -172,10 +170,7 @@ fn an_image_restores_lazily_with_zero_runs_left_to_the_kernel() {
     let source = Arc::new(ChainSource::open(&path).unwrap());
     for prefetch in [Prefetch::None, Prefetch::Sequential] {
         let r = region(MemoryKind::Anon, pages, "restore_image").unwrap();
-        let opts = RestoreOptions {
-            prefetch,
-            ..RestoreOptions::default()
-        };
+        let opts = RestoreOptions::default().prefetch(prefetch);
         let restore = start(vec![r.clone()], source.clone(), opts).unwrap();
         // Touch the pages around the zero run; the run itself is left to the kernel.
         for p in (0..1024).chain(2048..pages) {
@@ -213,12 +208,10 @@ fn discards_mid_restore_read_back_as_zeros() {
         let restore = start(
             vec![r.clone()],
             slow,
-            RestoreOptions {
-                mode,
-                prefetch,
-                max_chunk: 4096,
-                ..RestoreOptions::default()
-            },
+            RestoreOptions::default()
+                .mode(mode)
+                .prefetch(prefetch)
+                .max_chunk(4096),
         )
         .unwrap();
         // Touch pages 1..=8 (placed), then a balloon takes pages 1..4 (placed)
@@ -256,12 +249,18 @@ impl PageSource for Slow {
     fn regions(&self) -> Vec<SourceRegion> {
         self.inner.regions()
     }
-    fn read_pages(&self, r: usize, first: u64, buf: &mut [u8]) -> Result<bool, SourceError> {
+    fn read_pages(
+        &self,
+        r: usize,
+        first: u64,
+        buf: &mut [u8],
+        lane: Lane,
+    ) -> Result<bool, SourceError> {
         let n = (buf.len() / 4096) as u64;
         if self.slow_page == u64::MAX || (first..first + n).contains(&self.slow_page) {
             std::thread::sleep(self.delay);
         }
-        self.inner.read_pages(r, first, buf)
+        self.inner.read_pages(r, first, buf, lane)
     }
 }
 
@@ -276,10 +275,21 @@ impl PageSource for Failing {
             pages: 16,
         }]
     }
-    fn read_pages(&self, _r: usize, first: u64, buf: &mut [u8]) -> Result<bool, SourceError> {
+    fn read_pages(
+        &self,
+        _r: usize,
+        first: u64,
+        buf: &mut [u8],
+        _lane: Lane,
+    ) -> Result<bool, SourceError> {
         let n = (buf.len() / 4096) as u64;
         if (first..first + n).contains(&3) {
-            return Err(SourceError::pages("page 3 is unreadable"));
+            return Err(SourceError::Io {
+                path: "pages.bin".into(),
+                offset: 3 * 4096,
+                len: 4096,
+                source: Arc::new(std::io::Error::other("page 3 is unreadable")),
+            });
         }
         if self.panic && (first..first + n).contains(&7) {
             panic!("the source blew up on page 7");
@@ -300,10 +310,8 @@ fn a_failing_source_poisons_and_hangs_nobody() {
         return;
     }
     let r = region(MemoryKind::Anon, 16, "restore_failing").unwrap();
-    let opts = RestoreOptions {
-        max_chunk: 4096,
-        ..RestoreOptions::default()
-    };
+    // Runs of many pages: only page 3 is lost, its neighbours are placed.
+    let opts = RestoreOptions::default().max_chunk(16 * 4096);
     let restore = start(vec![r.clone()], Arc::new(Failing { panic: false }), opts).unwrap();
     let res = restore.wait();
     assert!(
@@ -322,10 +330,7 @@ fn a_dying_handler_fails_closed() {
         return;
     }
     let r = region(MemoryKind::Anon, 16, "restore_panic").unwrap();
-    let opts = RestoreOptions {
-        prefetch: Prefetch::None,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default().prefetch(Prefetch::None);
     let restore = start(vec![r.clone()], Arc::new(Failing { panic: true }), opts).unwrap();
     assert_eq!(r.read_u64(4096).unwrap(), u64::from_ne_bytes([1; 8]));
     // This fault kills the only handler: every page not placed is poisoned,
@@ -352,13 +357,13 @@ fn the_watchdog_reports_a_stuck_placement() {
     let r = region(MemoryKind::Anon, 64, "restore_watchdog").unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
     let s2 = seen.clone();
-    let opts = RestoreOptions {
-        watchdog: Duration::from_millis(100),
-        on_stall: Some(Arc::new(move |_| {
-            s2.fetch_add(1, Ordering::SeqCst);
-        })),
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default()
+        .watchdog(Duration::from_millis(100))
+        .on_notice(Arc::new(move |n| {
+            if matches!(n, livepage_restore::Notice::Stall(_)) {
+                s2.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
     let restore = start(vec![r.clone()], Arc::new(src), opts).unwrap();
     assert_eq!(r.read_u64(20 * 4096 + 8).unwrap(), page_of(&data, 20, 4096));
     let stats = restore.wait().unwrap();
@@ -379,11 +384,9 @@ fn a_recorded_working_set_is_placed_first() {
     // First restore: record the order of faults (the last 16 pages, backwards).
     let r = region(MemoryKind::Anon, pages, "restore_wset").unwrap();
     let src = Arc::new(MemorySource::new(vec![data.clone()], &[4096]).unwrap());
-    let opts = RestoreOptions {
-        prefetch: Prefetch::None,
-        record_working_set: true,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default()
+        .prefetch(Prefetch::None)
+        .record_working_set(true);
     let restore = start(vec![r.clone()], src, opts).unwrap();
     let order: Vec<u64> = (pages as u64 - 16..pages as u64).rev().collect();
     for p in &order {
@@ -403,11 +406,9 @@ fn a_recorded_working_set_is_placed_first() {
         delay: Duration::from_millis(2),
         slow_page: u64::MAX,
     });
-    let opts = RestoreOptions {
-        prefetch: Prefetch::Recorded(ws),
-        max_chunk: 4096,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default()
+        .prefetch(Prefetch::Recorded(ws))
+        .max_chunk(4096);
     let restore = start(vec![r.clone()], slow, opts).unwrap();
     while restore.progress().0 < 16 {
         std::thread::sleep(Duration::from_millis(1));
@@ -436,10 +437,7 @@ fn pages_over_tcp_and_a_vanishing_peer() {
     let mut server = PageServer::spawn(listener, src).unwrap();
     let tcp = TcpSource::connect(server.addr(), 2, Duration::from_secs(5)).unwrap();
     let r = region(MemoryKind::Anon, pages, "restore_tcp").unwrap();
-    let opts = RestoreOptions {
-        handlers: 2,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default().handlers(2);
     let restore = start(vec![r.clone()], Arc::new(tcp), opts).unwrap();
     touch_all(&r);
     restore.wait().unwrap();
@@ -449,10 +447,7 @@ fn pages_over_tcp_and_a_vanishing_peer() {
     // The peer vanishes mid-restore: faults fail at once, nobody hangs.
     let tcp = TcpSource::connect(server.addr(), 1, Duration::from_secs(5)).unwrap();
     let r = region(MemoryKind::Anon, pages, "restore_tcp").unwrap();
-    let opts = RestoreOptions {
-        prefetch: Prefetch::None,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default().prefetch(Prefetch::None);
     let restore = start(vec![r.clone()], Arc::new(tcp), opts).unwrap();
     assert_eq!(r.read_u64(5 * 4096 + 8).unwrap(), page_of(&data, 5, 4096));
     server.shutdown();
@@ -462,7 +457,13 @@ fn pages_over_tcp_and_a_vanishing_peer() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     let res = restore.wait();
     assert!(
-        matches!(&res, Err(RestoreError::Source { first, .. }) if first.message.contains("vanished")),
+        matches!(
+            &res,
+            Err(RestoreError::Source {
+                first: SourceError::PeerGone { .. },
+                ..
+            })
+        ),
         "{res:?}"
     );
     // Page 5 arrived before the peer left and is intact.
@@ -479,10 +480,7 @@ fn a_mismatched_source_is_refused() {
     let e = start(vec![r.clone()], src, RestoreOptions::default()).unwrap_err();
     assert!(e.to_string().contains("4 pages"), "{e}");
     let src = Arc::new(MemorySource::new(vec![vec![0u8; 8 * 4096]], &[4096]).unwrap());
-    let opts = RestoreOptions {
-        mode: Mode::Minor,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default().mode(Mode::Minor);
     let e = start(vec![r], src, opts).unwrap_err();
     assert!(e.to_string().contains("minor mode needs shmem"), "{e}");
 }

@@ -112,10 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prepared = prepare(
         vec![table.clone()],
         &path,
-        SnapshotOptions {
-            buffer_bytes: 8 << 20,
-            ..Default::default()
-        },
+        SnapshotOptions::default().buffer_bytes(8 << 20),
     )?;
     // 2. The instant: park the writer, arm, release it.
     store.pause.store(true, Ordering::SeqCst);

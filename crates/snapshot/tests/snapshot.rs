@@ -151,13 +151,10 @@ fn check_point_in_time(
     let snap = start(
         vec![r.clone()],
         &path,
-        SnapshotOptions {
-            buffer_bytes: buffer,
-            handler_threads: handlers,
-            chunk_pages: 64,
-            vm_state: None,
-            arm_threads: 0,
-        },
+        SnapshotOptions::default()
+            .buffer_bytes(buffer)
+            .handler_threads(handlers)
+            .chunk_pages(64),
     )
     .unwrap();
     wl.pause.store(false, Ordering::SeqCst);
@@ -266,13 +263,10 @@ fn discarded_memory_keeps_its_snapshot_contents() {
     let snap = start(
         vec![r.clone()],
         &path,
-        SnapshotOptions {
-            buffer_bytes: 1 << 20,
-            handler_threads: 1,
-            chunk_pages: 1,
-            vm_state: None,
-            arm_threads: 0,
-        },
+        SnapshotOptions::default()
+            .buffer_bytes(1 << 20)
+            .handler_threads(1)
+            .chunk_pages(1),
     )
     .unwrap();
     r.discard((pages / 2) * 4096, (pages / 2) * 4096).unwrap();
@@ -308,13 +302,10 @@ fn cancel_is_clean() {
     let snap = start(
         vec![r.clone()],
         &path,
-        SnapshotOptions {
-            buffer_bytes: 0,
-            handler_threads: 1,
-            chunk_pages: 1,
-            vm_state: None,
-            arm_threads: 0,
-        },
+        SnapshotOptions::default()
+            .buffer_bytes(0)
+            .handler_threads(1)
+            .chunk_pages(1),
     )
     .unwrap();
     let writer = {
@@ -404,13 +395,10 @@ fn unmapped_region_aborts() {
     let snap = start(
         vec![r.clone()],
         &path,
-        SnapshotOptions {
-            buffer_bytes: 0,
-            handler_threads: 1,
-            chunk_pages: 1,
-            vm_state: None,
-            arm_threads: 0,
-        },
+        SnapshotOptions::default()
+            .buffer_bytes(0)
+            .handler_threads(1)
+            .chunk_pages(1),
     )
     .unwrap();
     let last = r.addr() + r.len() - (1 << 20);

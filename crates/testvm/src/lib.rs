@@ -250,7 +250,7 @@ struct Vcpu {
 pub struct TestVm {
     spec: VmSpec,
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     region: Arc<Region>,
 }
@@ -346,7 +346,7 @@ impl TestVm {
         Ok(TestVm {
             spec,
             _kvm: kvm,
-            vm,
+            vm: Arc::new(vm),
             vcpus,
             region,
         })
@@ -557,6 +557,17 @@ impl TestVm {
         self.vm
             .get_dirty_log(0, self.spec.ram as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// A reader of KVM's dirty log that does not borrow the VM (for a
+    /// tracker that lives beside it): each call returns the bitmap since the
+    /// previous one. Needs [`VmOptions::dirty_log`].
+    pub fn dirty_log_reader(&self) -> impl FnMut() -> std::io::Result<Vec<u64>> + Send + 'static {
+        let (vm, ram) = (self.vm.clone(), self.spec.ram as usize);
+        move || {
+            vm.get_dirty_log(0, ram)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        }
     }
 
     /// Whether this host offers KVM's dirty ring (KVM_CAP_DIRTY_LOG_RING).

@@ -109,6 +109,20 @@ pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a userfaultfd has had its UFFDIO_API handshake: every other
+/// ioctl fails with EINVAL before it. Probed with a UFFDIO_WAKE of a range
+/// nobody waits on (harmless: it wakes no one).
+pub fn is_api_done(fd: BorrowedFd<'_>) -> bool {
+    let mut range = livepage_sys::uffdio_range {
+        start: 1 << 30,
+        len: 4096,
+    };
+    // SAFETY: `range` is a valid uffdio_range on our stack; UFFDIO_WAKE only
+    // reads it.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), livepage_sys::UFFDIO_WAKE as _, &mut range) };
+    r == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +146,17 @@ mod tests {
         assert_eq!((n, fd.is_none()), (1, true));
         drop(a);
         assert_eq!(recv_with_fd(b.as_fd(), &mut buf).unwrap().0, 0);
+    }
+
+    #[test]
+    fn a_userfaultfd_without_its_handshake_is_told_apart() {
+        if !crate::probe::capabilities().access.full() {
+            return;
+        }
+        let raw = crate::UffdBuilder::new().open_unhandshaken().unwrap();
+        assert!(is_userfaultfd(raw.as_fd()));
+        assert!(!is_api_done(raw.as_fd()));
+        let u = crate::UffdBuilder::new().create().unwrap();
+        assert!(is_api_done(u.as_fd()));
     }
 }

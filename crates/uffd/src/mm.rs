@@ -406,12 +406,38 @@ pub fn pagemap_entry(addr: usize) -> Result<u64, Errno> {
     Ok(u64::from_ne_bytes(b))
 }
 
+/// Reads the `/proc/self/pagemap` entries of the `n` base pages from `addr`
+/// with one read. Bit 63: present; bit 62: swapped.
+pub fn pagemap_entries(addr: usize, n: usize) -> Result<Vec<u64>, Errno> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open("/proc/self/pagemap").map_err(Errno::from)?;
+    let mut b = vec![0u8; n * 8];
+    f.read_exact_at(&mut b, (addr / page_size()) as u64 * 8)
+        .map_err(Errno::from)?;
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
+}
+
 /// lseek(SEEK_DATA): the first offset at or after `offset` that holds data, or
 /// None when only a hole follows (ENXIO).
 pub fn seek_data(file: &File, offset: u64) -> Result<Option<u64>, Errno> {
     let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
     // SAFETY: lseek takes an fd we borrow for the call and integers.
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = Errno::last();
+        return if e.0 == libc::ENXIO { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+/// `lseek(SEEK_HOLE)`: the start of the first hole at or after `offset`
+/// (the end of the file counts as a hole); `None` past the end.
+pub fn seek_hole(file: &File, offset: u64) -> Result<Option<u64>, Errno> {
+    let off = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
+    // SAFETY: lseek takes an fd we borrow for the call and integers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
     if r < 0 {
         let e = Errno::last();
         return if e.0 == libc::ENXIO { Ok(None) } else { Err(e) };

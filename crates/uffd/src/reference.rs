@@ -8,10 +8,10 @@
 //!
 //! # Safety
 //!
-//! The functions take a registered userfaultfd and addresses the caller
-//! registered through [`crate::Uffd::register`] (whose contract covers what
-//! the ioctls do to that memory). Structs passed by pointer live on the stack
-//! for the duration of each call.
+//! The functions that take raw addresses are `unsafe fn`: the caller
+//! promises the memory is its own and accessed only through raw pointers
+//! (`livepage_mem::Region` wraps them for its own memory). Structs passed
+//! by pointer live on the stack for the duration of each call.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -32,8 +32,12 @@ pub fn read_msgs(fd: BorrowedFd<'_>, msgs: &mut [sys::uffd_msg]) -> isize {
 }
 
 /// `ioctl(fd, UFFDIO_COPY, {dst, src, len, 0})`; returns (ret, copy).
+///
+/// # Safety
+/// `[dst, dst+src.len())` is memory registered on `fd` that no Rust
+/// reference points into: the kernel fills it.
 #[inline]
-pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (i32, i64) {
+pub unsafe fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (i32, i64) {
     let mut c = sys::uffdio_copy {
         dst,
         src: src.as_ptr() as u64,
@@ -47,8 +51,12 @@ pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (i32, i64) {
 }
 
 /// `ioctl(fd, UFFDIO_CONTINUE, {start, len, 0})`; returns (ret, mapped).
+///
+/// # Safety
+/// `[start, start+len)` is memory registered on `fd` that no Rust reference
+/// points into: the kernel maps page-cache pages there.
 #[inline]
-pub fn continue_range(fd: BorrowedFd<'_>, start: u64, len: u64) -> (i32, i64) {
+pub unsafe fn continue_range(fd: BorrowedFd<'_>, start: u64, len: u64) -> (i32, i64) {
     let mut c = sys::uffdio_continue {
         range: sys::uffdio_range { start, len },
         mode: 0,
@@ -91,7 +99,10 @@ pub fn api(fd: BorrowedFd<'_>, api: u64, features: u64) -> (i32, sys::uffdio_api
 /// same offsets (zero pages skipped), then exits. Returns the child's pid and
 /// how long `fork()` itself took (the parent's pause). The child only makes
 /// raw syscalls, so it is safe to fork from a multi-threaded process.
-pub fn fork_dump(
+///
+/// # Safety
+/// `[addr, addr+len)` is a readable, page-aligned mapping of the caller's.
+pub unsafe fn fork_dump(
     addr: usize,
     len: usize,
     fd: BorrowedFd<'_>,
@@ -223,9 +234,13 @@ extern "C" fn mp_handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *m
 }
 
 impl MprotectTracker {
-    /// Starts tracking `[base, base+len)` (page aligned, memory of the caller's
-    /// that is only accessed through raw pointers).
-    pub fn start(base: usize, len: usize) -> Result<MprotectTracker, crate::Errno> {
+    /// Starts tracking `[base, base+len)`.
+    ///
+    /// # Safety
+    /// The range is a page-aligned mapping of the caller's that is only
+    /// accessed through raw pointers: it becomes read-only, and a write to
+    /// it is let through by the SIGSEGV handler.
+    pub unsafe fn start(base: usize, len: usize) -> Result<MprotectTracker, crate::Errno> {
         use std::sync::atomic::Ordering;
         if !MP_BITS.load(Ordering::Acquire).is_null() {
             return Err(crate::Errno::BUSY);

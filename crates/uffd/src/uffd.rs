@@ -115,6 +115,17 @@ impl Uffd {
         }
     }
 
+    /// A second handle on the same userfaultfd (`dup`, close-on-exec).
+    pub fn try_clone(&self) -> Result<Uffd, Errno> {
+        Ok(Uffd {
+            fd: self.fd.try_clone().map_err(Errno::from)?,
+            enabled: self.enabled,
+            supported: self.supported,
+            api_ioctls: self.api_ioctls,
+            non_blocking: self.non_blocking,
+        })
+    }
+
     /// The features enabled on this context.
     pub fn features(&self) -> Features {
         self.enabled

@@ -21,7 +21,7 @@ use livepage_uffd::{
 use serde::Serialize;
 
 use super::faults::Path;
-use super::progress;
+
 use crate::table::{Table, si};
 
 /// How many userfaultfds serve the guest.
@@ -40,7 +40,7 @@ pub struct DemandArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2, 4, 8])]
     pub vcpus: Vec<u32>,
     /// Guest RAM per vCPU (each vCPU touches every page of its slice).
-    #[arg(long, default_value = "64M", value_parser = crate::vm::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = crate::args::parse_size)]
     pub mem_per_vcpu: u64,
     /// Handler (reader) threads per userfaultfd.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
@@ -205,7 +205,7 @@ pub fn run(args: &DemandArgs) -> anyhow::Result<Vec<DemandRow>> {
         anyhow::bail!("--mem-per-vcpu must be at least one page");
     }
     let per_path = 1 + args.layouts.len() * args.handlers.len();
-    let bar = progress(
+    let bar = crate::progress::bar(
         (args.paths.len() * args.vcpus.len() * per_path) as u64,
         "demand",
     );

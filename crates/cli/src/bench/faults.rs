@@ -20,7 +20,7 @@ use livepage_uffd::{
 };
 use serde::Serialize;
 
-use super::{percentile, progress};
+use super::percentile;
 use crate::table::{Table, si, us};
 
 const PAGE: usize = 4096;
@@ -302,8 +302,8 @@ impl Setup {
                 }
                 let addr = m.arg[1] & !(PAGE as u64 - 1);
                 let (r, _) = match self.path {
-                    Path::AnonCopy => reference::copy(fd, addr, &self.proto),
-                    Path::ShmemContinue => reference::continue_range(fd, addr, PAGE as u64),
+                    Path::AnonCopy => self.region.bare_copy(fd, addr, &self.proto),
+                    Path::ShmemContinue => self.region.bare_continue(fd, addr, PAGE as u64),
                 };
                 if r < 0 {
                     let e = reference::errno();
@@ -403,7 +403,7 @@ pub fn run(args: &FaultsArgs) -> anyhow::Result<Vec<Row>> {
             }
         }
     }
-    let bar = progress((configs.len() * args.reps * 2) as u64, "faults");
+    let bar = crate::progress::bar((configs.len() * args.reps * 2) as u64, "faults");
     let mut rows = Vec::new();
     for (path, strategy, handlers, threads) in configs {
         let pages = args.pages / threads * threads;

@@ -22,13 +22,12 @@ use livepage_testvm::{RunControl, TestVm, VmOptions, VmSpec, Workload, checksum,
 use livepage_uffd::mm::{Advice, Mapping};
 use serde::Serialize;
 
-use super::progress;
 use crate::table::{Table, si};
 
 #[derive(Debug, Args)]
 pub struct RestoreBenchArgs {
     /// Image size (guest RAM).
-    #[arg(long, default_value = "4G", value_parser = crate::vm::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = crate::args::parse_size)]
     pub size: u64,
     /// Use this single-region image instead of generating one.
     #[arg(long)]
@@ -49,7 +48,7 @@ pub struct RestoreBenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
     pub demand_handlers: Vec<usize>,
     /// Guest RAM per vCPU in the demand-paging table.
-    #[arg(long, default_value = "32M", value_parser = crate::vm::parse_size)]
+    #[arg(long, default_value = "32M", value_parser = crate::args::parse_size)]
     pub mem_per_vcpu: u64,
     /// Print JSON instead of tables.
     #[arg(long)]
@@ -115,7 +114,7 @@ fn make_image(path: &std::path::Path, size: u64) -> anyhow::Result<u64> {
     };
     let w = livepage_image::ImageWriter::create(path, &[desc], None)?;
     let pages = size / 4096;
-    let bar = progress(pages, "image");
+    let bar = crate::progress::bar(pages, "image");
     let mut buf = vec![0u8; 4096];
     let mut data = 0;
     for p in 0..pages {
@@ -181,13 +180,11 @@ fn lazy_run(
         Prefetch::Recorded(_) => "recorded",
     };
     let region = Arc::new(Region::new(kind, len)?);
-    let opts = RestoreOptions {
-        mode,
-        handlers: args.handlers,
-        prefetch,
-        record_working_set: record,
-        ..RestoreOptions::default()
-    };
+    let opts = RestoreOptions::default()
+        .mode(mode)
+        .handlers(args.handlers)
+        .prefetch(prefetch)
+        .record_working_set(record);
     let t0 = Instant::now();
     let restore = livepage_restore::start(vec![region.clone()], source, opts)?;
     let resume = t0.elapsed();
@@ -239,14 +236,12 @@ fn demand_run(
     let restore = match handlers {
         Some((h, uffds)) => {
             let source = Arc::new(livepage_restore::MemorySource::new(vec![bytes], &[4096])?);
-            let opts = RestoreOptions {
-                mode,
-                handlers: h,
-                uffds,
-                prefetch: Prefetch::None,
-                zero_runs_to_kernel: None,
-                ..RestoreOptions::default()
-            };
+            let opts = RestoreOptions::default()
+                .mode(mode)
+                .handlers(h)
+                .uffds(uffds)
+                .prefetch(Prefetch::None)
+                .zero_runs_to_kernel(None);
             Some(livepage_restore::start(vec![region.clone()], source, opts)?)
         }
         None => {
@@ -301,7 +296,7 @@ pub fn run(args: &RestoreBenchArgs) -> anyhow::Result<RestoreReport> {
     }
     let touches = touch_list(desc.pages(), args.touch_pages);
     let runs = 3 + 6;
-    let bar = progress(runs, "restore");
+    let bar = crate::progress::bar(runs, "restore");
     let mut rows = Vec::new();
 
     // Eager read: the guest waits for every byte. Two ways, the faster is the
@@ -396,7 +391,7 @@ pub fn run(args: &RestoreBenchArgs) -> anyhow::Result<RestoreReport> {
     let mut demand = Vec::new();
     if !args.no_vm {
         livepage_testvm::check_host()?;
-        let bar = progress(
+        let bar = crate::progress::bar(
             (args.vcpus.len() * (1 + args.demand_handlers.len()) * 2) as u64,
             "demand",
         );

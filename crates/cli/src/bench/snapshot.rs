@@ -24,13 +24,12 @@ use clap::Args;
 use livepage_mem::{MemoryKind, Region};
 use serde::Serialize;
 
-use super::progress;
 use crate::table::{Table, si, us};
 
 #[derive(Debug, Args)]
 pub struct SnapshotBenchArgs {
     /// Region size.
-    #[arg(long, default_value = "4G", value_parser = crate::vm::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = crate::args::parse_size)]
     pub size: u64,
     /// Writer threads.
     #[arg(long, default_value_t = 1)]
@@ -39,12 +38,12 @@ pub struct SnapshotBenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [5_000u64, 20_000, 0])]
     pub rates: Vec<u64>,
     /// livepage buffer sizes.
-    #[arg(long, value_delimiter = ',', value_parser = crate::vm::parse_size, default_values_t = [0u64, 16 << 20, 64 << 20, 256 << 20])]
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::parse_size, default_values_t = [0u64, 16 << 20, 64 << 20, 256 << 20])]
     pub buffers: Vec<u64>,
     /// Memory type of the region (thp: transparent huge pages, as VMMs back
     /// guest RAM; anon: 4 KiB pages only).
-    #[arg(long, value_enum, default_value_t = crate::vm::MemoryArg::Thp)]
-    pub memory: crate::vm::MemoryArg,
+    #[arg(long, value_enum, default_value_t = crate::args::MemoryArg::Thp)]
+    pub memory: crate::args::MemoryArg,
     /// Threads arming write-protection (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub arm_threads: usize,
@@ -321,12 +320,9 @@ fn one(
             let prepared = livepage_snapshot::prepare(
                 vec![region.clone()],
                 path,
-                livepage_snapshot::SnapshotOptions {
-                    buffer_bytes: *buffer as usize,
-                    handler_threads: 1,
-                    arm_threads: args.arm_threads,
-                    ..Default::default()
-                },
+                livepage_snapshot::SnapshotOptions::default()
+                    .buffer_bytes(*buffer as usize)
+                    .arm_threads(args.arm_threads),
             )?;
             w.pause();
             let t = Instant::now();
@@ -343,11 +339,7 @@ fn one(
                 .open(path)?;
             f.set_len(region.len() as u64)?;
             w.pause();
-            let (pid, pause) = livepage_uffd::reference::fork_dump(
-                region.addr(),
-                region.len(),
-                std::os::fd::AsFd::as_fd(&f),
-            )?;
+            let (pid, pause) = region.fork_dump(std::os::fd::AsFd::as_fd(&f))?;
             w.resume();
             anyhow::ensure!(
                 livepage_uffd::reference::wait_child(pid)?,
@@ -414,7 +406,7 @@ pub fn run(args: &SnapshotBenchArgs) -> anyhow::Result<Vec<SnapshotRow>> {
         args.size as usize,
     )?);
     // Populate every page (first touch is slow on this kind of host; not timed).
-    let bar = progress(args.size >> 20, "populating");
+    let bar = crate::progress::bar(args.size >> 20, "populating");
     let chunk = vec![0x5au8; 1 << 20];
     let mut off = 0;
     while off < region.len() {
@@ -429,7 +421,7 @@ pub fn run(args: &SnapshotBenchArgs) -> anyhow::Result<Vec<SnapshotRow>> {
         methods.push(Method::Fork);
         methods.push(Method::StopTheWorld);
     }
-    let bar = progress((args.rates.len() * methods.len()) as u64, "snapshots");
+    let bar = crate::progress::bar((args.rates.len() * methods.len()) as u64, "snapshots");
     let mut rows = Vec::new();
     for &rate in &args.rates {
         for m in &methods {

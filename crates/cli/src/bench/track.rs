@@ -12,10 +12,9 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use livepage_mem::{MemoryKind, Region};
-use livepage_track::{Backend, DirtyTracker};
+use livepage_track::{Backend, DirtyTracker, Tracker};
 use serde::Serialize;
 
-use super::progress;
 use crate::table::Table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,13 +60,13 @@ impl AnyTracker {
 #[derive(Debug, Args)]
 pub struct TrackArgs {
     /// Fully populated region sizes.
-    #[arg(long, value_delimiter = ',', value_parser = crate::vm::parse_size, default_values_t = [1u64 << 30, 4 << 30])]
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::parse_size, default_values_t = [1u64 << 30, 4 << 30])]
     pub sizes: Vec<u64>,
     /// A MAP_NORESERVE reservation of this size ...
-    #[arg(long, value_parser = crate::vm::parse_size, default_value = "1T")]
+    #[arg(long, value_parser = crate::args::parse_size, default_value = "1T")]
     pub sparse: u64,
     /// ... with this much populated (spread over it).
-    #[arg(long, value_parser = crate::vm::parse_size, default_value = "2G")]
+    #[arg(long, value_parser = crate::args::parse_size, default_value = "2G")]
     pub sparse_populated: u64,
     /// Spread the sparse region's populated memory in 2 MiB chunks (worst case).
     #[arg(long)]
@@ -139,7 +138,7 @@ pub fn run(args: &TrackArgs) -> anyhow::Result<Vec<TrackRow>> {
     if args.sparse > 0 {
         cases.push((args.sparse, args.sparse_populated));
     }
-    let bar = progress(
+    let bar = crate::progress::bar(
         (cases.len() * args.backends.len() * args.fractions.len()) as u64,
         "track",
     );
@@ -157,7 +156,8 @@ pub fn run(args: &TrackArgs) -> anyhow::Result<Vec<TrackRow>> {
                     AnyTracker::Uffd(DirtyTracker::start(vec![region.clone()], Some(backend))?)
                 }
                 None => AnyTracker::Mprotect(
-                    livepage_uffd::reference::MprotectTracker::start(region.addr(), region.len())
+                    region
+                        .mprotect_tracker()
                         .map_err(|e| anyhow::anyhow!("mprotect tracking: {e}"))?,
                 ),
             };
@@ -287,20 +287,21 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
                 dirty_log: tracker == "kvm-dirty-log",
             },
         )?;
-        let mut uffd = match tracker {
-            "wp-async" => Some(DirtyTracker::start(
+        // Every tracker behind the one trait.
+        let mut tracking: Option<Box<dyn Tracker>> = match tracker {
+            "wp-async" => Some(Box::new(DirtyTracker::start(
                 vec![region.clone()],
                 Some(Backend::WpAsync),
-            )?),
-            "sync-wp" => Some(DirtyTracker::start(
+            )?)),
+            "sync-wp" => Some(Box::new(DirtyTracker::start(
                 vec![region.clone()],
                 Some(Backend::SyncWp),
-            )?),
+            )?)),
+            "kvm-dirty-log" => Some(Box::new(livepage_track::KvmDirtyLog::start(Box::new(
+                vm.dirty_log_reader(),
+            ))?)),
             _ => None,
         };
-        if tracker == "kvm-dirty-log" {
-            vm.dirty_log()?;
-        }
         let (mut collect_s, mut dirty, mut n) = (0.0, 0u64, 0usize);
         let t0 = Instant::now();
         let mut k = 1;
@@ -310,15 +311,9 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
                 break;
             }
             let t = Instant::now();
-            dirty += match (&mut uffd, tracker) {
-                (Some(t), _) => t.collect()?.1.dirty_bytes,
-                (None, "kvm-dirty-log") => vm
-                    .dirty_log()?
-                    .iter()
-                    .map(|w| u64::from(w.count_ones()) * 4096)
-                    .sum(),
-                _ => 0,
-            };
+            if let Some(t) = tracking.as_mut() {
+                dirty += t.collect()?.1.dirty_bytes;
+            }
             collect_s += t.elapsed().as_secs_f64();
             n += 1;
             k += 1;
@@ -356,6 +351,31 @@ pub fn run_vm(json: bool) -> anyhow::Result<Vec<VmTrackRow>> {
         r.slowdown = r.run_seconds / base;
     }
     Ok(rows)
+}
+
+/// `livepage bench track`: the region rows, then (unless `--no-vm`) the
+/// test VM's rows, as tables or one JSON document.
+pub fn main(args: &TrackArgs) -> anyhow::Result<std::process::ExitCode> {
+    let rows = run(args)?;
+    let vm_rows = if args.no_vm {
+        Vec::new()
+    } else {
+        run_vm(args.json)?
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"regions": rows, "test_vm": vm_rows})
+            )?
+        );
+    } else {
+        print!("{}", render(&rows));
+        if !vm_rows.is_empty() {
+            print!("\n{}", render_vm(&vm_rows));
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 pub fn render_vm(rows: &[VmTrackRow]) -> String {

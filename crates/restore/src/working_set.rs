@@ -1,6 +1,7 @@
-//! A recorded working set: the global page numbers in the order they were
-//! first faulted during one restore. A later restore of the same image
-//! prefetches them first. Format in `docs/FORMAT.md` ("Working set").
+//! A recorded working set: the source's page numbers (its regions' pages
+//! numbered end to end) in the order they were first faulted during one
+//! restore. A later restore of the same image prefetches them first.
+//! Format in `docs/FORMAT.md` ("Working set").
 
 use std::path::{Path, PathBuf};
 
@@ -39,7 +40,7 @@ pub enum WorkingSetError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        detail: String,
+        detail: FormatError,
     },
     /// Recorded on an image of another size.
     #[error(
@@ -53,6 +54,42 @@ pub enum WorkingSetError {
         recorded: u64,
         /// The image's total.
         actual: u64,
+    },
+}
+
+/// What is wrong with a working set's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// No magic.
+    #[error("no working set header (magic LPWSET)")]
+    Magic,
+    /// Another version.
+    #[error("version {0}, this build reads version 1")]
+    Version(u32),
+    /// The page count overflows.
+    #[error("the page count overflows")]
+    Overflow,
+    /// The length does not fit the page count.
+    #[error("{count} pages need {want} bytes, the file has {have}")]
+    Length {
+        /// Pages recorded.
+        count: u64,
+        /// Bytes they need.
+        want: u64,
+        /// Bytes there.
+        have: usize,
+    },
+    /// The checksum does not match.
+    #[error("checksum mismatch (corrupt)")]
+    Checksum,
+    /// A page beyond the recorded total.
+    #[error("page {page} is beyond the recorded {total} pages")]
+    Beyond {
+        /// The page.
+        page: u64,
+        /// The total.
+        total: u64,
     },
 }
 
@@ -75,39 +112,39 @@ impl WorkingSet {
 
     /// Parses a working set (untrusted bytes): magic, version, length, crc,
     /// and every page below the recorded total.
-    pub fn from_bytes(b: &[u8]) -> Result<WorkingSet, String> {
+    pub fn from_bytes(b: &[u8]) -> Result<WorkingSet, FormatError> {
         if b.len() < HEADER + 4 || &b[..8] != MAGIC {
-            return Err("no working set header (magic LPWSET)".into());
+            return Err(FormatError::Magic);
         }
         let version = u32_at(b, 8);
         if version != VERSION {
-            return Err(format!(
-                "version {version}, this build reads version {VERSION}"
-            ));
+            return Err(FormatError::Version(version));
         }
         let total_pages = u64_at(b, 16);
         let count = u64_at(b, 24);
         let want = count
             .checked_mul(8)
             .and_then(|n| n.checked_add((HEADER + 4) as u64))
-            .ok_or("page count overflows")?;
+            .ok_or(FormatError::Overflow)?;
         if want != b.len() as u64 {
-            return Err(format!(
-                "{count} pages need {want} bytes, the file has {}",
-                b.len()
-            ));
+            return Err(FormatError::Length {
+                count,
+                want,
+                have: b.len(),
+            });
         }
         let body = b.len() - 4;
         if u32_at(b, body) != crc32c::crc32c(&b[..body]) {
-            return Err("checksum mismatch (corrupt)".into());
+            return Err(FormatError::Checksum);
         }
         let pages: Vec<u64> = (0..count as usize)
             .map(|i| u64_at(b, HEADER + i * 8))
             .collect();
         if let Some(p) = pages.iter().find(|p| **p >= total_pages) {
-            return Err(format!(
-                "page {p} is beyond the recorded {total_pages} pages"
-            ));
+            return Err(FormatError::Beyond {
+                page: *p,
+                total: total_pages,
+            });
         }
         Ok(WorkingSet { total_pages, pages })
     }

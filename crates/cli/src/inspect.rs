@@ -1,9 +1,9 @@
-//! `livepage inspect` and `livepage verify`.
+//! `livepage inspect`: regions, page counts, parent, VM state.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use livepage_image::{Chain, Image, kind};
+use livepage_image::{Image, kind};
 use serde::Serialize;
 
 use crate::table::Table;
@@ -148,43 +148,5 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         ]);
     }
     print!("\n{}", t.render());
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn verify(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let chain = Chain::open(path)?;
-    let checked = chain.verify()?;
-    let img = chain.head();
-    let n = chain.images().len();
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"path": path.display().to_string(), "ok": true, "pages_checked": checked, "id": img.id().to_string(), "chain_length": n})
-        );
-    } else {
-        println!(
-            "{}: ok ({checked} data pages checked in {n} image(s) of the chain; headers, indexes and VM state intact; id {})",
-            path.display(),
-            img.id()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn merge(path: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let chain = Chain::open(path)?;
-    let id = chain.merge(out)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"merged": chain.images().len(), "out": out.display().to_string(), "id": id.to_string()})
-        );
-    } else {
-        println!(
-            "{}: {} image(s) merged into one full image (id {id})",
-            out.display(),
-            chain.images().len()
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,382 @@
+//! `livepage vm run`: runs the test VM to the end and checks its memory
+//! against the host reference; optionally takes a live snapshot or
+//! incremental checkpoints on the way.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use livepage_mem::{MemoryKind, Region};
+use livepage_testvm::reference::expected_checksum;
+use livepage_testvm::{
+    RunControl, RunOutcome, TestVm, VmOptions, VmSpec, Workload, checksum, prepare_memory,
+};
+use livepage_track::Tracker;
+use serde::Serialize;
+
+use super::{check_memory, run_with_bar};
+use crate::args::{MemoryArg, TrackerArg, WorkloadKind, at_least_one, parse_size};
+use crate::table::Table;
+
+/// The live snapshot's buffer when `--buffer` is not given.
+pub const DEFAULT_BUFFER: u64 = 64 << 20;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest RAM (e.g. 64M, 1G, 16G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Guest program.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Dirty)]
+    pub workload: WorkloadKind,
+    /// PRNG seed (dirty).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Writes per vCPU (dirty).
+    #[arg(long, default_value_t = 200_000)]
+    pub iterations: u64,
+    /// Guest memory type.
+    #[arg(long, value_enum, default_value_t = MemoryArg::Anon)]
+    pub memory: MemoryArg,
+    /// Take a live snapshot when every vCPU has done this many steps.
+    #[arg(long, requires = "snapshot_out")]
+    pub snapshot_at: Option<u64>,
+    /// Where to write the snapshot image (must not exist).
+    #[arg(long, requires = "snapshot_at")]
+    pub snapshot_out: Option<std::path::PathBuf>,
+    /// Copy-on-write buffer of the live snapshot (default 64M; 0: writers
+    /// wait for the disk).
+    #[arg(long, value_parser = parse_size, requires = "snapshot_at")]
+    pub buffer: Option<u64>,
+    /// Write a checkpoint every this many steps per vCPU: a full image first,
+    /// then deltas of the pages written since (async write-protect tracking).
+    #[arg(long, requires = "checkpoint_dir", conflicts_with = "snapshot_at")]
+    pub checkpoint_every: Option<u64>,
+    /// Directory for the checkpoint chain (created; existing images are never overwritten).
+    #[arg(long, requires = "checkpoint_every")]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// How checkpoints find written pages (default: auto).
+    #[arg(long, value_enum, requires = "checkpoint_every")]
+    pub tracker: Option<TrackerArg>,
+    /// Threads serving write-protect faults during the snapshot (default 1).
+    #[arg(long, value_parser = at_least_one, requires = "snapshot_at")]
+    pub snapshot_handlers: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub mem: u64,
+    pub vcpus: u32,
+    pub memory: MemoryKind,
+    pub workload: String,
+    pub seed: Option<u64>,
+    pub iterations: Option<u64>,
+    pub seconds: f64,
+    pub checksum: String,
+    pub expected_checksum: String,
+    pub matches_reference: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointReport {
+    pub image: String,
+    pub at_steps: Vec<u64>,
+    pub parent: Option<String>,
+    pub tracker: &'static str,
+    pub dirty_bytes: u64,
+    pub collect_ms: f64,
+    /// vCPUs paused: collect, then write the image.
+    pub pause_ms: f64,
+    pub stats: livepage_track::CheckpointStats,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    pub image: String,
+    pub at_steps: Vec<u64>,
+    /// vCPUs paused: saving their state and arming write-protection.
+    pub vcpu_pause_ms: f64,
+    pub stats: livepage_snapshot::SnapshotStats,
+}
+
+pub fn workload_of(args: &RunArgs) -> Workload {
+    match args.workload {
+        WorkloadKind::Touch => Workload::Touch,
+        WorkloadKind::Dirty => Workload::Dirty {
+            seed: args.seed,
+            iterations: args.iterations,
+        },
+    }
+}
+
+pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    livepage_testvm::check_host()?;
+    let spec = VmSpec {
+        ram: args.mem,
+        vcpus: args.vcpus,
+        workload: workload_of(args),
+    };
+    livepage_testvm::validate(&spec)?;
+    let kind = MemoryKind::from(args.memory);
+    check_memory(&spec, kind)?;
+    let slice_pages = livepage_testvm::layout::slice(spec.ram, spec.vcpus, 0).1;
+    let steps = spec.workload.steps(slice_pages);
+    if let Some(at) = args.snapshot_at {
+        if at == 0 || at >= steps {
+            bail!(
+                "--snapshot-at {at} is never reached: each vCPU runs {steps} steps (give 1 to {})",
+                steps - 1
+            );
+        }
+    }
+    if let Some(every) = args.checkpoint_every {
+        if every == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        if every >= steps {
+            bail!(
+                "--checkpoint-every {every} takes no checkpoint: each vCPU runs {steps} steps (give 1 to {})",
+                steps - 1
+            );
+        }
+    }
+    let region =
+        Arc::new(Region::new(kind, spec.ram as usize).with_context(|| {
+            format!("allocating {} MiB of {kind} guest memory", spec.ram >> 20)
+        })?);
+    prepare_memory(&region, &spec)?;
+    let tracker_arg = args.tracker.unwrap_or(TrackerArg::Auto);
+    let kvm_log = args.checkpoint_every.is_some() && tracker_arg == TrackerArg::KvmDirtyLog;
+    let mut vm = TestVm::new(region.clone(), spec, VmOptions { dirty_log: kvm_log })?;
+    let total_steps = steps * u64::from(spec.vcpus);
+    let bar = crate::progress::bar(total_steps, "guest steps");
+    let t0 = Instant::now();
+    let mut snapshot_report = None;
+    let mut snapshot = None;
+    if let (Some(at), Some(out)) = (args.snapshot_at, &args.snapshot_out) {
+        if out.exists() {
+            bail!(
+                "{} already exists; livepage never writes over an existing image",
+                out.display()
+            );
+        }
+        let control = RunControl::new(spec.vcpus, Some(at));
+        if run_with_bar(&mut vm, &control, &bar)? == RunOutcome::Paused {
+            let paused = Instant::now();
+            let state = vm.save()?;
+            let opts = livepage_snapshot::SnapshotOptions::default()
+                .buffer_bytes(args.buffer.unwrap_or(DEFAULT_BUFFER) as usize)
+                .handler_threads(args.snapshot_handlers.unwrap_or(1))
+                .vm_state(Some(state.to_bytes()));
+            let snap = livepage_snapshot::start(vec![region.clone()], out, opts)
+                .context("starting the live snapshot")?;
+            let pause = paused.elapsed();
+            snapshot = Some((snap, pause, vm.progress()));
+        }
+    }
+    let mut checkpoints = Vec::new();
+    let mut outcome = RunOutcome::Paused;
+    if let (Some(every), Some(dir)) = (args.checkpoint_every, &args.checkpoint_dir) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The log (or the tracker) starts from now: the base image covers before.
+        let mut tracker: Box<dyn Tracker> = match tracker_arg {
+            TrackerArg::KvmDirtyLog => Box::new(livepage_track::KvmDirtyLog::start(Box::new(
+                vm.dirty_log_reader(),
+            ))?),
+            t => Box::new(
+                livepage_track::DirtyTracker::start(vec![region.clone()], t.backend())
+                    .context("starting dirty tracking")?,
+            ),
+        };
+        let mut parent: Option<livepage_image::ImageId> = None;
+        let mut k = 1;
+        loop {
+            let control = RunControl::new(spec.vcpus, Some(k * every));
+            outcome = run_with_bar(&mut vm, &control, &bar)?;
+            if outcome == RunOutcome::Finished {
+                break;
+            }
+            let paused = Instant::now();
+            let state = vm.save()?.to_bytes();
+            let (dirty, cstats) = tracker.collect()?;
+            let path = dir.join(format!("checkpoint-{k:04}.img"));
+            let delta = parent.map(|p| (dirty.as_slice(), p));
+            let (id, stats) = livepage_track::write_checkpoint(
+                std::slice::from_ref(&region),
+                delta,
+                &path,
+                Some(state),
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+            checkpoints.push(CheckpointReport {
+                image: path.display().to_string(),
+                at_steps: vm.progress(),
+                parent: parent.map(|p| p.to_string()),
+                tracker: tracker.name(),
+                dirty_bytes: cstats.dirty_bytes,
+                collect_ms: cstats.duration.as_secs_f64() * 1e3,
+                pause_ms: paused.elapsed().as_secs_f64() * 1e3,
+                stats,
+            });
+            parent = Some(id);
+            k += 1;
+        }
+    }
+    if outcome != RunOutcome::Finished {
+        let control = RunControl::new(spec.vcpus, None);
+        outcome = run_with_bar(&mut vm, &control, &bar)?;
+    }
+    if let Some((snap, pause, at_steps)) = snapshot {
+        let stats = snap.wait().context("the live snapshot failed")?;
+        snapshot_report = Some(SnapshotReport {
+            image: args
+                .snapshot_out
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            at_steps,
+            vcpu_pause_ms: pause.as_secs_f64() * 1e3,
+            stats,
+        });
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    if outcome != RunOutcome::Finished {
+        bail!("the guest stopped before finishing");
+    }
+    let sum = checksum(&region, spec.ram)?;
+    let want = expected_checksum(spec.workload, spec.ram, spec.vcpus);
+    let (seed, iterations) = match spec.workload {
+        Workload::Dirty { seed, iterations } => (Some(seed), Some(iterations)),
+        _ => (None, None),
+    };
+    let report = RunReport {
+        mem: spec.ram,
+        vcpus: spec.vcpus,
+        memory: kind,
+        workload: format!("{:?}", args.workload).to_lowercase(),
+        seed,
+        iterations,
+        seconds,
+        checksum: format!("{sum:016x}"),
+        expected_checksum: format!("{want:016x}"),
+        matches_reference: sum == want,
+        snapshot: snapshot_report,
+        checkpoints,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let mut t = Table::new(["vm run", "value"]);
+        t.row([
+            "guest RAM".to_string(),
+            format!("{} MiB ({kind})", spec.ram >> 20),
+        ]);
+        t.row(["vCPUs".to_string(), spec.vcpus.to_string()]);
+        t.row(["workload".to_string(), report.workload.clone()]);
+        if let (Some(s), Some(i)) = (seed, iterations) {
+            t.row([
+                "seed / iterations".to_string(),
+                format!("{s} / {i} per vCPU"),
+            ]);
+        }
+        t.row(["run time".to_string(), format!("{seconds:.2} s")]);
+        t.row(["checksum".to_string(), report.checksum.clone()]);
+        t.row([
+            "host reference".to_string(),
+            format!(
+                "{} ({})",
+                report.expected_checksum,
+                if report.matches_reference {
+                    "match"
+                } else {
+                    "MISMATCH"
+                }
+            ),
+        ]);
+        if let Some(sr) = &report.snapshot {
+            let st = &sr.stats;
+            t.row([
+                "snapshot".to_string(),
+                format!("{} (id {})", sr.image, st.image_id),
+            ]);
+            t.row(["  taken at steps".to_string(), format!("{:?}", sr.at_steps)]);
+            t.row([
+                "  vCPU pause".to_string(),
+                format!(
+                    "{:.2} ms (save state + arm {:.2} ms)",
+                    sr.vcpu_pause_ms,
+                    st.arm.as_secs_f64() * 1e3
+                ),
+            ]);
+            t.row([
+                "  pages".to_string(),
+                format!("{} data, {} zero (holes)", st.data_pages, st.zero_pages),
+            ]);
+            t.row([
+                "  saved by".to_string(),
+                format!(
+                    "writer {}, fault+buffer {}, fault sync {}, fault zero {}",
+                    st.by_writer, st.by_fault_buffered, st.by_fault_sync, st.by_fault_zero
+                ),
+            ]);
+            t.row([
+                "  peak buffer".to_string(),
+                format!(
+                    "{} KiB of {} KiB",
+                    st.peak_buffer_bytes >> 10,
+                    args.buffer.unwrap_or(DEFAULT_BUFFER) >> 10
+                ),
+            ]);
+            t.row([
+                "  duration".to_string(),
+                format!("{:.2} s", st.duration.as_secs_f64()),
+            ]);
+        }
+        print!("{}", t.render());
+        if !report.checkpoints.is_empty() {
+            let mut c = Table::new([
+                "checkpoint",
+                "kind",
+                "at steps",
+                "dirty",
+                "data pages",
+                "collect ms",
+                "pause ms",
+            ]);
+            for cp in &report.checkpoints {
+                c.row([
+                    cp.image.clone(),
+                    if cp.parent.is_some() {
+                        "delta".to_string()
+                    } else {
+                        "base".to_string()
+                    },
+                    format!("{:?}", cp.at_steps),
+                    format!("{} KiB", cp.dirty_bytes >> 10),
+                    cp.stats.data_pages.to_string(),
+                    format!("{:.2}", cp.collect_ms),
+                    format!("{:.1}", cp.pause_ms),
+                ]);
+            }
+            print!("\n{}", c.render());
+        }
+    }
+    if !report.matches_reference {
+        eprintln!("error: the guest's memory does not match the host reference");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

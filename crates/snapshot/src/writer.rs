@@ -1,0 +1,107 @@
+//! The background writer: saves pages in address order, un-protects its own
+//! runs as soon as they are saved, and drains the copy-on-write buffer.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use livepage_uffd::RangeError;
+
+use crate::SnapshotError;
+use crate::engine::Engine;
+
+impl Engine {
+    /// Stores the pages waiting in the buffer.
+    pub(crate) fn drain_buffer(&self) -> Result<(), SnapshotError> {
+        while let Some((g, slot)) = self.buffer.pop() {
+            let Some((r, _)) = self.regions.locate_global(g) else {
+                self.buffer.release(slot);
+                continue;
+            };
+            let ps = self.regions[r].page_size;
+            let res = self.image.write_page(g, &slot[..ps]);
+            self.buffer.release(slot);
+            res?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn writer_loop(&self) {
+        if let Err(e) = self.write_all() {
+            self.fail(e);
+        }
+    }
+
+    fn write_all(&self) -> Result<(), SnapshotError> {
+        let mut bounce = Vec::new();
+        for (r, t) in self.regions.iter().enumerate() {
+            let chunk = self.chunk_pages.max(1) as u64;
+            let mut p = 0;
+            while p < t.pages {
+                while self.hold_writer.load(Ordering::SeqCst) && !self.aborted() {
+                    self.writer_parked.store(true, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                self.writer_parked.store(false, Ordering::SeqCst);
+                if self.aborted() {
+                    return Ok(());
+                }
+                self.drain_buffer()?;
+                let end = (p + chunk).min(t.pages);
+                // Claim what nobody has, copy it while it is still protected, save it,
+                // then release runs of our own pages.
+                let mine: Vec<u64> = (p..end)
+                    .filter(|q| self.claimed.set((t.first + q) as usize))
+                    .collect();
+                if !mine.is_empty() {
+                    let (lo, hi) = (mine[0], mine[mine.len() - 1] + 1);
+                    bounce.resize((hi - lo) as usize * t.page_size, 0);
+                    // Holes of a memfd are zeros; reading them would allocate pages.
+                    if t.region.is_hole(lo as usize * t.page_size, bounce.len()) {
+                        bounce.fill(0);
+                    } else {
+                        t.region
+                            .read_checked(lo as usize * t.page_size, &mut bounce)?;
+                    }
+                    for &q in &mine {
+                        let at = (q - lo) as usize * t.page_size;
+                        self.store(t.first + q, &bounce[at..at + t.page_size])?;
+                        self.mark_done(t.first + q);
+                    }
+                    self.counters
+                        .by_writer
+                        .fetch_add(mine.len() as u64, Ordering::Relaxed);
+                    let mut i = 0;
+                    while i < mine.len() {
+                        let mut j = i + 1;
+                        while j < mine.len() && mine[j] == mine[j - 1] + 1 {
+                            j += 1;
+                        }
+                        let addr = self.regions.page_addr(r, mine[i]);
+                        let len = (j - i) * t.page_size;
+                        // A pending event makes this EAGAIN: leave those pages protected;
+                        // a later write faults and finds them done.
+                        match self.uffd().write_protect(addr, len, false, false) {
+                            Ok(_) => {}
+                            Err(_) if self.released.load(Ordering::SeqCst) => return Ok(()),
+                            Err(RangeError::NotRegistered { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        i = j;
+                    }
+                }
+                p = end;
+            }
+        }
+        // From here on the writer never reads region memory.
+        self.writer_parked.store(true, Ordering::SeqCst);
+        // Wait for pages still being copied by handlers, then flush the buffer.
+        while self.done_count.load(Ordering::Relaxed) < self.regions.total() {
+            if self.aborted() {
+                return Ok(());
+            }
+            self.drain_buffer()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.drain_buffer()
+    }
+}
