@@ -35,7 +35,6 @@ mod engine;
 mod error;
 pub mod firecracker;
 mod handler;
-mod le;
 pub mod load;
 mod map;
 mod options;

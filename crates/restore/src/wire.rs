@@ -2,7 +2,7 @@
 //! the server's hello, requests, response headers. Every parser takes
 //! untrusted bytes and is fuzzed (`fuzz/fuzz_targets/restore_untrusted.rs`).
 
-use crate::le::{u32_at, u64_at};
+use livepage_image::le::{u32_at, u64_at};
 use crate::source::SourceRegion;
 
 /// Magic of the server's hello.

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::le::{u32_at, u64_at};
+use livepage_image::le::{u32_at, u64_at};
 
 const MAGIC: &[u8; 8] = b"LPWSET\0\0";
 const VERSION: u32 = 1;

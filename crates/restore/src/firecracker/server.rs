@@ -516,25 +516,29 @@ impl Server {
         self.stopper.flag.load(Ordering::SeqCst)
     }
 
-    /// Accepts VMs on `listener` until stopped (or `max_vms` were accepted
-    /// and are gone); every event goes to `report`.
+    /// Accepts VMs on `listener` until stopped, or until `max_vms` were
+    /// accepted (the listener is then closed); returns once every VM is
+    /// gone. Every event goes to `report`.
     pub fn run(&self, listener: UnixListener, report: Reporter) -> std::io::Result<Summary> {
         listener.set_nonblocking(true)?;
         std::thread::scope(|scope| -> std::io::Result<()> {
-            let mut set = PollSet::new([listener.as_fd(), self.stopper.fd.as_fd()]);
-            loop {
+            let mut listener = Some(listener);
+            while let Some(l) = &listener {
                 let accepted = self.metrics.accepted.load(Ordering::SeqCst);
                 let pending = self.pending.load(Ordering::SeqCst);
                 if self.stopped() || self.opts.max_vms.is_some_and(|m| accepted >= m) {
-                    return Ok(());
+                    // No more VMs: close the listener (a VMM that connects now
+                    // is refused at once) and serve the ones here to the end.
+                    listener = None;
+                    continue;
                 }
-                set.wait(200)?;
+                PollSet::new([l.as_fd(), self.stopper.fd.as_fd()]).wait(200)?;
                 if self.opts.max_vms.is_some_and(|m| accepted + pending >= m) {
                     // Full while handshakes are in flight: wait for them.
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     continue;
                 }
-                let Ok((stream, _)) = listener.accept() else {
+                let Ok((stream, _)) = l.accept() else {
                     continue;
                 };
                 stream.set_nonblocking(false)?;
@@ -545,6 +549,7 @@ impl Server {
                     .name(format!("lp-fc-vm-{vm}"))
                     .spawn_scoped(scope, move || self.serve_vm(vm, stream, report))?;
             }
+            Ok(())
         })?;
         Ok(Summary {
             accepted: self.metrics.accepted.load(Ordering::SeqCst),

@@ -1,12 +1,13 @@
-//! Little-endian fields of the formats this crate parses (callers check lengths first).
+//! Little-endian fields of the formats livepage parses: images, working
+//! sets, the page protocol. Callers check lengths first.
 
 /// The u32 at byte `o` of `b`.
-pub(crate) fn u32_at(b: &[u8], o: usize) -> u32 {
+pub fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
 /// The u64 at byte `o` of `b`.
-pub(crate) fn u64_at(b: &[u8], o: usize) -> u64 {
+pub fn u64_at(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)

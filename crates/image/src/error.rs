@@ -1,0 +1,147 @@
+//! Why an image could not be written or read, with the file, section, page
+//! and file offset.
+
+use std::path::{Path, PathBuf};
+
+use crate::{ImageId, VERSION};
+
+/// Why an image could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// An I/O error, with what was being done.
+    #[error("{what} {path}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The destination exists; images are never overwritten.
+    #[error(
+        "{0} already exists; livepage never writes over an existing image (choose another name or remove it)"
+    )]
+    Exists(PathBuf),
+    /// Not a livepage image.
+    #[error("{0} is not a livepage image (bad magic)")]
+    NotAnImage(PathBuf),
+    /// A format version this build cannot read.
+    #[error("{path} is image format version {found}; this build reads version {VERSION}")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// The file is shorter than its header says.
+    #[error("{path} is truncated: {what} ends at byte {need} but the file has {have} bytes")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        what: &'static str,
+        /// Where it should end.
+        need: u64,
+        /// File length.
+        have: u64,
+    },
+    /// A section failed its checksum or is inconsistent.
+    #[error("{path}: the {what} is corrupt ({detail})")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        what: &'static str,
+        /// Details.
+        detail: String,
+    },
+    /// A page failed its checksum.
+    #[error(
+        "{path}: page {page} of region {region} (address {addr:#x}) at file offset {offset:#x} is corrupt (crc32c {found:#010x}, index says {want:#010x})"
+    )]
+    PageCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// Region index.
+        region: usize,
+        /// Page within the region.
+        page: u64,
+        /// The page's original address.
+        addr: u64,
+        /// File offset of the page.
+        offset: u64,
+        /// crc found.
+        found: u32,
+        /// crc expected.
+        want: u32,
+    },
+    /// A delta's parent is not in its directory.
+    #[error(
+        "{child}: its parent image {parent} is missing (looked for an image with that id in {dir}{}); restore the parent or merge the chain where it is complete",
+        damaged_note(damaged)
+    )]
+    MissingParent {
+        /// The delta.
+        child: PathBuf,
+        /// The parent's id.
+        parent: ImageId,
+        /// Where it was looked for.
+        dir: PathBuf,
+        /// Images in that directory whose header is damaged (the parent may
+        /// be one of them, with its id damaged too).
+        damaged: Vec<PathBuf>,
+    },
+    /// A delta's parent is there, but its header is damaged.
+    #[error(
+        "{child}: its parent image {parent} is {path}, whose header is corrupt (its checksum does not match); restore that file from a copy, or merge the chain where it is complete"
+    )]
+    CorruptParent {
+        /// The delta.
+        child: PathBuf,
+        /// The parent's id.
+        parent: ImageId,
+        /// The damaged parent.
+        path: PathBuf,
+    },
+    /// A delta's parent describes other regions.
+    #[error("{child}: its parent {parent} has a different region layout ({detail})")]
+    ParentMismatch {
+        /// The delta.
+        child: PathBuf,
+        /// The parent file.
+        parent: PathBuf,
+        /// What differs.
+        detail: String,
+    },
+    /// A bad request (too many regions, a page out of range, a wrong length).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn damaged_note(damaged: &[PathBuf]) -> String {
+    match damaged {
+        [] => String::new(),
+        [one] => format!(
+            "; {} there has a corrupt header and may be it",
+            one.display()
+        ),
+        [first, rest @ ..] => format!(
+            "; {} images there have corrupt headers, e.g. {}",
+            rest.len() + 1,
+            first.display()
+        ),
+    }
+}
+
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
