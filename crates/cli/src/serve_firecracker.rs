@@ -80,8 +80,15 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
                 path.display()
             ),
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("removing the stale socket {}", path.display())
+                        });
+                    }
+                }
             }
             Err(e) => {
                 return Err(e).with_context(|| format!("checking the socket {}", path.display()));

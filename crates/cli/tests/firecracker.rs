@@ -6,91 +6,19 @@
 //! serving the VMs that follow.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{SIZES, events, mapping, memory, ok, server, uffd};
 use livepage_mem::{MemoryKind, Region};
 use livepage_uffd::fdpass::send_with_fd;
-use livepage_uffd::{Features, RegisterMode, Uffd, UffdBuilder};
-
-const SIZES: [usize; 2] = [8 << 20, 4 << 20];
-
-fn ok() -> bool {
-    if !livepage_uffd::probe::capabilities().access.full() {
-        livepage_testutil::skip("serve_firecracker", "no full userfaultfd");
-        return false;
-    }
-    true
-}
-
-/// The snapshot's memory: both regions end to end, every seventh page zero.
-fn memory() -> Vec<u8> {
-    let total: usize = SIZES.iter().sum();
-    let mut v = vec![0u8; total];
-    for (p, page) in v.chunks_mut(4096).enumerate() {
-        if p % 7 != 0 {
-            for (i, b) in page.iter_mut().enumerate() {
-                *b = (p as u32 * 13 + i as u32 / 16) as u8 | 1;
-            }
-        }
-    }
-    v
-}
-
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-fn server(dir: &Path, backing: &[&str], max_vms: u32) -> Server {
-    let socket = dir.join("fc.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_livepage"))
-        .arg("serve-firecracker")
-        .arg("--socket")
-        .arg(&socket)
-        .args(backing)
-        .args(["--json", "--max-vms", &max_vms.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let t0 = Instant::now();
-    while !socket.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Server {
-        child,
-        socket,
-        lines,
-    }
-}
-
-fn uffd() -> Uffd {
-    // As Firecracker creates it: EVENT_REMOVE, non-blocking, kernel faults too.
-    UffdBuilder::new()
-        .non_blocking(true)
-        .user_mode_only(false)
-        .features(Features::EVENT_REMOVE)
-        .create()
-        .unwrap()
-}
-
-fn mapping(base: usize, size: usize, offset: usize, ps: usize) -> String {
-    format!(r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":{ps}}}"#)
-}
+use livepage_uffd::{Features, RegisterMode, UffdBuilder};
 
 /// Sends a handshake and returns the server's one-line answer (empty if it
 /// accepted and said nothing).
@@ -161,15 +89,6 @@ fn run_vm(socket: &Path, want: &[u8]) {
         offset += r.len();
     }
     drop(s);
-}
-
-fn events(srv: &Server, n: usize) -> Vec<serde_json::Value> {
-    (0..n)
-        .map(|_| {
-            let l = srv.lines.recv_timeout(Duration::from_secs(60)).unwrap();
-            serde_json::from_str(&l).unwrap()
-        })
-        .collect()
 }
 
 #[test]

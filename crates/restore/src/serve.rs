@@ -441,7 +441,7 @@ impl Restore {
         while !e.states.all_done() {
             std::thread::sleep(Duration::from_micros(200));
         }
-        let (stats, error) = self.finish();
+        let (stats, error) = self.finish(None);
         match error {
             Some(e) => Err(e),
             None => Ok(stats),
@@ -457,13 +457,17 @@ impl Restore {
         for t in self.background.drain(..) {
             let _ = t.join();
         }
+        // An error reports the pages lost while serving, not those failed
+        // closed by this stop.
+        let lost = Counters::get(&e.counters.lost);
         if !e.states.all_done() {
             e.fail_closed();
         }
-        self.finish()
+        self.finish(Some(lost))
     }
 
-    fn finish(&mut self) -> (RestoreStats, Option<RestoreError>) {
+    /// Stops everything; `lost` overrides the lost-page count in a source error.
+    fn finish(&mut self, lost: Option<u64>) -> (RestoreStats, Option<RestoreError>) {
         self.finished = true;
         let e = self.engine().clone();
         e.background_stop.store(true, Ordering::SeqCst);
@@ -480,7 +484,7 @@ impl Restore {
                 let _ = e.fds[t.fd].unregister(e.map.page_addr(r, 0), t.len() as usize);
             }
         }
-        let lost = Counters::get(&e.counters.lost);
+        let lost = lost.unwrap_or_else(|| Counters::get(&e.counters.lost));
         let error = e
             .error
             .lock()
@@ -509,7 +513,7 @@ impl Drop for Restore {
         if !e.states.all_done() {
             e.fail_closed();
         }
-        let _ = self.finish();
+        let _ = self.finish(None);
     }
 }
 

@@ -2,8 +2,8 @@
 //! the server's hello, requests, response headers. Every parser takes
 //! untrusted bytes and is fuzzed (`fuzz/fuzz_targets/restore_untrusted.rs`).
 
-use livepage_image::le::{u32_at, u64_at};
 use crate::source::SourceRegion;
+use livepage_image::le::{u32_at, u64_at};
 
 /// Magic of the server's hello.
 pub const HELLO_MAGIC: &[u8; 8] = b"LPWIRE\0\0";

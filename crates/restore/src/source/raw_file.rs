@@ -135,7 +135,13 @@ impl PageSource for RawFileSource {
     fn zero_runs(&self, region: usize) -> Option<Vec<(u64, u64)>> {
         let r = self.regions.get(region)?;
         let ps = r.page_size as u64;
-        let (start, end) = (self.offsets[region], self.offsets[region] + r.pages * ps);
+        // Past the end of the file (a truncated snapshot) is missing data,
+        // not zeros: only holes before it count.
+        let file_len = self.file.metadata().ok()?.len();
+        let (start, end) = (
+            self.offsets[region],
+            (self.offsets[region] + r.pages * ps).min(file_len),
+        );
         let mut runs = Vec::new();
         let mut at = start;
         while at < end {
