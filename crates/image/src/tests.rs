@@ -256,7 +256,7 @@ fn issue10_a_parent_with_a_corrupt_header_is_named_corrupt_not_missing() {
     f.write_all_at(&[0xff; 4], 30).unwrap();
     let e = Chain::open(&delta).unwrap_err();
     assert!(
-        matches!(&e, ImageError::MissingParent { damaged, .. } if damaged == &[base.clone()]),
+        matches!(&e, ImageError::MissingParent { damaged, .. } if damaged == std::slice::from_ref(&base)),
         "{e}"
     );
     assert!(
