@@ -107,11 +107,13 @@ impl Collector for Server {
             t.lost,
         )?;
         // Bucket i counts faults below 2^i µs.
-        let buckets: Vec<(f64, u64)> = hist
+        let mut buckets: Vec<(f64, u64)> = hist
             .iter()
             .enumerate()
             .map(|(i, c)| ((1u64 << i) as f64 / 1e6, *c))
             .collect();
+        // OpenMetrics ends every histogram with a +Inf bucket.
+        buckets.push((f64::MAX, 0));
         let count = hist.iter().sum();
         // Each fault counted at its bucket's midpoint: the sum is an estimate.
         let sum = hist

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{SIZES, events, mapping, memory, ok, server, uffd};
+use common::{SIZES, events, mapping, memory, ok, server, server_with, uffd};
 use livepage_mem::{MemoryKind, Region};
 use livepage_uffd::fdpass::send_with_fd;
 use livepage_uffd::{Features, RegisterMode, UffdBuilder};
@@ -308,4 +308,85 @@ fn serves_a_hugetlbfs_guest_in_2_mib_pages() {
         + f["left_to_kernel"].as_u64().unwrap();
     assert_eq!(placed, 4, "{ev:?}");
     assert_eq!(f["discarded"].as_u64().unwrap(), 1, "{ev:?}");
+}
+
+/// One scrape of the Prometheus endpoint: metric name -> value.
+fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
+    text.lines()
+        .filter(|l| l.starts_with("livepage_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_metrics_endpoint_counts_what_the_vms_did() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let mut srv = server_with(
+        dir.path(),
+        &["--mem-file", mem.to_str().unwrap()],
+        &[
+            "--max-vms",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+            "--handlers",
+            "2",
+        ],
+    );
+    let addr = srv
+        .banner
+        .split("http://")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .to_string();
+    let before = scrape(&addr);
+    assert_eq!(before["livepage_vms_connected"], 0.0, "{before:?}");
+    assert_eq!(before["livepage_vms_accepted_total"], 0.0);
+    run_vm(&srv.socket, &want);
+    let ev = events(&srv, 2);
+    let f = &ev[1];
+    assert_eq!(f["event"], "finished", "{ev:?}");
+    let m = scrape(&addr);
+    let n = |k: &str| f[k].as_f64().unwrap();
+    assert_eq!(m["livepage_vms_connected"], 0.0, "{m:?}");
+    assert_eq!(m["livepage_vms_accepted_total"], 1.0);
+    assert_eq!(m["livepage_vms_failed_total"], 0.0);
+    assert_eq!(m["livepage_faults_served_total"], n("faults"), "{m:?} {f}");
+    assert_eq!(m["livepage_pages_prefetched_total"], n("prefetched"));
+    assert_eq!(m["livepage_pages_zero_filled_total"], n("zero_filled"));
+    assert_eq!(
+        m["livepage_pages_left_to_kernel_total"],
+        n("left_to_kernel")
+    );
+    assert_eq!(m["livepage_pages_lost_total"], 0.0);
+    // Every demand fault served is in the histogram.
+    assert_eq!(
+        m["livepage_fault_latency_seconds_count"],
+        n("faults"),
+        "{m:?}"
+    );
+    assert_eq!(
+        m[r#"livepage_fault_latency_seconds_bucket{le="+Inf"}"#],
+        n("faults")
+    );
+    drop(srv.child.kill());
 }

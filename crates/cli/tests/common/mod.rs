@@ -38,6 +38,8 @@ pub struct Server {
     pub socket: PathBuf,
     pub lines: std::sync::mpsc::Receiver<String>,
     pub stderr: std::sync::mpsc::Receiver<String>,
+    /// The line the server printed once listening.
+    pub banner: String,
 }
 
 pub fn server(dir: &Path, backing: &[&str], max_vms: u32) -> Server {
@@ -75,19 +77,20 @@ pub fn server_with(dir: &Path, backing: &[&str], args: &[&str]) -> Server {
     });
     // Listening once it says so (the file alone may be a stale one, or
     // exist a moment before listen(2)).
-    loop {
+    let banner = loop {
         let l = stderr
             .recv_timeout(Duration::from_secs(20))
             .expect("the server did not start");
         if l.starts_with("serving ") {
-            break;
+            break l;
         }
-    }
+    };
     Server {
         child,
         socket,
         lines,
         stderr,
+        banner,
     }
 }
 
