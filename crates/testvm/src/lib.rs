@@ -19,14 +19,13 @@
 //! guest runs about a million instructions per second, so the programs spend
 //! a few instructions per page.
 //!
-//! # Safety
-//!
-//! KVM's memory slot points at the region's mapping; [`TestVm`] keeps an `Arc`
-//! of the region, so the mapping outlives the VM.
-#![allow(unsafe_code)]
+//! `unsafe` is denied here and allowed only in the modules that need it
+//! (`kvm`: the guest RAM slot and XSAVE; `state`: KVM's state structs).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod guest;
+mod kvm;
 pub mod layout;
 pub mod reference;
 pub mod state;
@@ -34,11 +33,8 @@ pub mod state;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_msr_entry, kvm_regs,
-    kvm_userspace_memory_region,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use livepage_mem::{MemoryKind, Region};
 use livepage_uffd::{Categories, Pagemap, ScanRequest};
 
@@ -250,7 +246,7 @@ struct Vcpu {
 pub struct TestVm {
     spec: VmSpec,
     _kvm: Kvm,
-    vm: Arc<VmFd>,
+    vm: Arc<kvm::GuestVm>,
     vcpus: Vec<Vcpu>,
     region: Arc<Region>,
 }
@@ -302,37 +298,15 @@ impl TestVm {
     fn create(region: Arc<Region>, spec: VmSpec, opts: VmOptions) -> Result<TestVm, VmError> {
         check_host()?;
         validate(&spec)?;
-        if (region.len() as u64) < spec.ram {
-            return Err(VmError::Spec(format!(
-                "region of {} bytes is smaller than RAM {}",
-                region.len(),
-                spec.ram
-            )));
-        }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if opts.dirty_log {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: 0,
-            memory_size: spec.ram,
-            userspace_addr: region.addr() as u64,
-        };
-        // SAFETY: the slot covers `spec.ram` bytes of the region's mapping (checked
-        // above); the VM holds an Arc of the region, so the mapping outlives the slot;
-        // it is the only slot, so nothing overlaps.
-        unsafe { vm.set_user_memory_region(slot) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = kvm::GuestVm::new(&kvm, region.clone(), spec.ram, opts.dirty_log)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for id in 0..spec.vcpus {
             let fd = vm
+                .fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -421,9 +395,7 @@ impl TestVm {
             )));
         }
         xsave.region.copy_from_slice(&s.xsave);
-        // SAFETY: `xsave` is a full legacy-size kvm_xsave; this VM enables no dynamic
-        // xfeatures, so KVM copies no more than those 4096 bytes.
-        unsafe { v.fd.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        kvm::set_xsave(&v.fd, &xsave)?;
         v.fd.set_xcrs(&s.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         let msrs = Msrs::from_entries(&s.msrs)
             .map_err(|e| VmError::StateMismatch(format!("MSR list: {e:?}")))?;
@@ -555,6 +527,7 @@ impl TestVm {
     /// page). Needs [`VmOptions::dirty_log`].
     pub fn dirty_log(&self) -> Result<Vec<u64>, VmError> {
         self.vm
+            .fd
             .get_dirty_log(0, self.spec.ram as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
     }
@@ -563,16 +536,18 @@ impl TestVm {
     /// tracker that lives beside it): each call returns the bitmap since the
     /// previous one. Needs [`VmOptions::dirty_log`].
     pub fn dirty_log_reader(&self) -> impl FnMut() -> std::io::Result<Vec<u64>> + Send + 'static {
+        // The reader holds the VM (and with it the region) alive.
         let (vm, ram) = (self.vm.clone(), self.spec.ram as usize);
         move || {
-            vm.get_dirty_log(0, ram)
+            vm.fd
+                .get_dirty_log(0, ram)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
         }
     }
 
     /// Whether this host offers KVM's dirty ring (KVM_CAP_DIRTY_LOG_RING).
     pub fn dirty_ring_available(&self) -> bool {
-        self.vm.check_extension_raw(192) > 0
+        self.vm.fd.check_extension_raw(192) > 0
     }
 }
 
