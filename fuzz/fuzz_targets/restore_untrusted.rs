@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use livepage_restore::firecracker::parse_mappings;
-use livepage_restore::tcp::{decode_hello, decode_response, encode_hello, Request, REQUEST_LEN, RESPONSE_LEN};
+use livepage_restore::wire::{decode_hello, decode_response, encode_hello, Request, REQUEST_LEN, RESPONSE_LEN};
 use livepage_restore::WorkingSet;
 
 fuzz_target!(|data: &[u8]| {
