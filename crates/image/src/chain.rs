@@ -66,9 +66,7 @@ impl Chain {
         let mut images = vec![head];
         while let Some(pid) = images.last().and_then(Image::parent) {
             if images.len() > 10_000 {
-                return Err(ImageError::Invalid(
-                    "image chain longer than 10000 (a cycle?)".into(),
-                ));
+                return Err(ImageError::ChainTooLong(10_000));
             }
             let child = images.last().map(|i| i.path.clone()).unwrap_or_default();
             let files: Vec<(PathBuf, Peek)> = std::fs::read_dir(&dir)
@@ -176,15 +174,21 @@ impl Chain {
             .layout
             .regions
             .get(region)
-            .ok_or_else(|| ImageError::Invalid(format!("no region {region}")))?;
+            .ok_or(ImageError::OutOfRange {
+                region,
+                first,
+                count: 0,
+                bytes: buf.len(),
+            })?;
         let ps = r.page_size as usize;
         let n = (buf.len() / ps) as u64;
         if buf.len() % ps != 0 || first.checked_add(n).is_none_or(|e| e > r.pages()) {
-            return Err(ImageError::Invalid(format!(
-                "pages {first}+{n} ({} bytes) do not fit region {region} of {} pages",
-                buf.len(),
-                r.pages()
-            )));
+            return Err(ImageError::OutOfRange {
+                region,
+                first,
+                count: n,
+                bytes: buf.len(),
+            });
         }
         let mut any = false;
         let mut i = 0u64;

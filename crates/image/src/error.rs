@@ -115,9 +115,67 @@ pub enum ImageError {
         /// What differs.
         detail: String,
     },
-    /// A bad request (too many regions, a page out of range, a wrong length).
-    #[error("{0}")]
-    Invalid(String),
+    /// An image holds 1 to `MAX_REGIONS` regions.
+    #[error("an image holds 1 to {max} regions, not {count}")]
+    RegionCount {
+        /// Regions given.
+        count: usize,
+        /// The most an image holds.
+        max: usize,
+    },
+    /// A region's length and page size do not fit.
+    #[error(
+        "region {region}: length {len:#x} is not a non-zero number of {page_size:#x}-byte pages (4 KiB or larger, a power of two)"
+    )]
+    RegionShape {
+        /// Region.
+        region: usize,
+        /// Its length.
+        len: u64,
+        /// Its page size.
+        page_size: u64,
+    },
+    /// The regions add up to more than a file can hold.
+    #[error("the regions add up to more than an image file can hold")]
+    TooLarge,
+    /// A request outside the image (no such region, pages beyond it, a
+    /// buffer that is not a whole number of its pages).
+    #[error("pages {first}+{count} ({bytes} bytes) do not fit region {region} of this image")]
+    OutOfRange {
+        /// Region asked for.
+        region: usize,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u64,
+        /// The buffer's length.
+        bytes: usize,
+    },
+    /// A global page number beyond the image.
+    #[error("page {page} is beyond the image's {pages} pages")]
+    PageOutOfRange {
+        /// The page.
+        page: u64,
+        /// Pages the image has.
+        pages: u64,
+    },
+    /// A page of the wrong length.
+    #[error("a page of {len} bytes for a region of {page_size}-byte pages")]
+    PageLength {
+        /// Bytes given.
+        len: usize,
+        /// The region's page size.
+        page_size: u64,
+    },
+    /// The path names no file.
+    #[error("{0} is not a file path")]
+    NotAFile(PathBuf),
+    /// The writer was finished already.
+    #[error("the image is already finished")]
+    Finished,
+    /// A chain too long to be anything but a cycle.
+    #[error("image chain longer than {0} images (a cycle?)")]
+    ChainTooLong(usize),
 }
 
 fn damaged_note(damaged: &[PathBuf]) -> String {

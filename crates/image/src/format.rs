@@ -16,10 +16,10 @@ pub(crate) struct Layout {
 impl Layout {
     pub(crate) fn new(regions: &[RegionDesc]) -> Result<Layout, ImageError> {
         if regions.is_empty() || regions.len() > MAX_REGIONS {
-            return Err(ImageError::Invalid(format!(
-                "an image holds 1 to {MAX_REGIONS} regions, not {}",
-                regions.len()
-            )));
+            return Err(ImageError::RegionCount {
+                count: regions.len(),
+                max: MAX_REGIONS,
+            });
         }
         let mut off = HEADER_SIZE;
         let (mut data_offsets, mut first_page, mut pages) = (Vec::new(), Vec::new(), 0u64);
@@ -29,17 +29,16 @@ impl Layout {
                 || r.len == 0
                 || r.len % r.page_size != 0
             {
-                return Err(ImageError::Invalid(format!(
-                    "region {i}: length {:#x} and page size {:#x} do not fit",
-                    r.len, r.page_size
-                )));
+                return Err(ImageError::RegionShape {
+                    region: i,
+                    len: r.len,
+                    page_size: r.page_size,
+                });
             }
             off = off.next_multiple_of(r.page_size);
             data_offsets.push(off);
             first_page.push(pages);
-            off = off
-                .checked_add(r.len)
-                .ok_or_else(|| ImageError::Invalid("regions too large".into()))?;
+            off = off.checked_add(r.len).ok_or(ImageError::TooLarge)?;
             pages += r.pages();
         }
         Ok(Layout {

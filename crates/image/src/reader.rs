@@ -272,12 +272,19 @@ impl Image {
             .layout
             .regions
             .get(region)
-            .ok_or_else(|| ImageError::Invalid(format!("no region {region}")))?;
+            .ok_or(ImageError::OutOfRange {
+                region,
+                first: page,
+                count: 1,
+                bytes: buf.len(),
+            })?;
         if page >= r.pages() || buf.len() as u64 != r.page_size {
-            return Err(ImageError::Invalid(format!(
-                "page {page} / buffer of {} bytes does not fit region {region}",
-                buf.len()
-            )));
+            return Err(ImageError::OutOfRange {
+                region,
+                first: page,
+                count: 1,
+                bytes: buf.len(),
+            });
         }
         let (state, want) = self.index[(self.layout.first_page[region] + page) as usize];
         match state {

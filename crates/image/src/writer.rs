@@ -48,7 +48,7 @@ impl ImageWriter {
         };
         let name = path
             .file_name()
-            .ok_or_else(|| ImageError::Invalid(format!("{} is not a file path", path.display())))?;
+            .ok_or_else(|| ImageError::NotAFile(path.to_path_buf()))?;
         let tmp = dir.join(format!(
             ".{}.tmp.{}",
             name.to_string_lossy(),
@@ -97,16 +97,17 @@ impl ImageWriter {
 
     /// Stores the page `global` (its bytes, of the region's page size).
     pub fn write_page(&self, global: u64, data: &[u8]) -> Result<(), ImageError> {
-        let (r, p) = self
-            .layout
-            .locate(global)
-            .ok_or_else(|| ImageError::Invalid(format!("page {global} out of range")))?;
+        let (r, p) = self.layout.locate(global).ok_or(ImageError::OutOfRange {
+            region: self.layout.regions.len(),
+            first: global,
+            count: 1,
+            bytes: data.len(),
+        })?;
         if data.len() as u64 != self.layout.regions[r].page_size {
-            return Err(ImageError::Invalid(format!(
-                "page of {} bytes for a region of {}-byte pages",
-                data.len(),
-                self.layout.regions[r].page_size
-            )));
+            return Err(ImageError::PageLength {
+                len: data.len(),
+                page_size: self.layout.regions[r].page_size,
+            });
         }
         self.file
             .write_all_at(data, self.layout.offset(r, p))
@@ -143,7 +144,7 @@ impl ImageWriter {
     /// place. Returns the new image's id. Call once, after every page is stored.
     pub fn finish(&self) -> Result<ImageId, ImageError> {
         if self.finished.load(Ordering::SeqCst) {
-            return Err(ImageError::Invalid("the image is already finished".into()));
+            return Err(ImageError::Finished);
         }
         let mut index = Vec::with_capacity(self.index.len() * INDEX_ENTRY as usize);
         for e in &self.index {

@@ -17,5 +17,5 @@ mod table;
 
 pub use bitmap::PageBitmap;
 pub use rangeset::RangeSet;
-pub use region::{MemoryKind, Region, RegionError};
+pub use region::{MemoryKind, Region, RegionError, UnknownKind};
 pub use table::{PagedRegion, RegionTable};

@@ -70,17 +70,20 @@ impl std::fmt::Display for MemoryKind {
     }
 }
 
+/// A memory type name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown memory type `{0}` (expected anon, thp, shmem or hugetlb)")]
+pub struct UnknownKind(pub String);
+
 impl std::str::FromStr for MemoryKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownKind;
+    fn from_str(s: &str) -> Result<Self, UnknownKind> {
         match s {
             "anon" => Ok(MemoryKind::Anon),
             "thp" => Ok(MemoryKind::Thp),
             "shmem" | "memfd" => Ok(MemoryKind::Shmem),
             "hugetlb" | "hugetlbfs" => Ok(MemoryKind::Hugetlb),
-            other => Err(format!(
-                "unknown memory type `{other}` (expected anon, thp, shmem or hugetlb)"
-            )),
+            other => Err(UnknownKind(other.to_string())),
         }
     }
 }
