@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -32,8 +32,9 @@ pub struct ImportArgs {
     pub json: bool,
 }
 
+/// What an import wrote.
 #[derive(Debug, Serialize)]
-struct Imported {
+pub struct Imported {
     image: String,
     id: String,
     bytes: u64,
@@ -44,21 +45,41 @@ struct Imported {
 }
 
 pub fn run(args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let out = import(&args.mem_file, &args.out, args.page_size)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{}: {} MiB in {} pages of {} KiB: {} data (checksummed), {} zero (holes); id {} ({:.2} s)",
+            out.image,
+            out.bytes >> 20,
+            out.pages,
+            args.page_size >> 10,
+            out.data_pages,
+            out.zero_pages,
+            out.id,
+            out.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `mem_file` as an image at `out` with pages of `ps` bytes.
+pub fn import(mem_file: &Path, out: &Path, ps: u64) -> anyhow::Result<Imported> {
     let t0 = Instant::now();
-    let ps = args.page_size;
     let kind = match ps {
         4096 => MemoryKind::Anon,
         0x20_0000 => MemoryKind::Hugetlb,
         _ => bail!("--page-size must be 4K or 2M, not {ps}"),
     };
-    let file = File::open(&args.mem_file)
-        .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?;
+    let file = File::open(&mem_file)
+        .with_context(|| format!("opening the memory file {}", mem_file.display()))?;
     let len = file.metadata()?.len();
     if len == 0 || len % ps != 0 {
         bail!(
             "{} has {len} bytes, not a whole number of {ps}-byte pages (is it a Firecracker \
              memory file? for a hugetlbfs guest give --page-size 2M)",
-            args.mem_file.display()
+            mem_file.display()
         );
     }
     let desc = RegionDesc {
@@ -67,7 +88,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<ExitCode> {
         page_size: ps,
         kind: kind::of(kind),
     };
-    let w = ImageWriter::create(&args.out, &[desc], None)?;
+    let w = ImageWriter::create(out, &[desc], None)?;
     let bar = crate::progress::bar(len >> 20, "MiB");
     let run = (4u64 << 20).max(ps);
     let mut buf = vec![0u8; run as usize];
@@ -91,7 +112,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<ExitCode> {
         while off < end {
             let n = (end - off).min(run) as usize;
             file.read_exact_at(&mut buf[..n], off)
-                .with_context(|| format!("reading {}", args.mem_file.display()))?;
+                .with_context(|| format!("reading {}", mem_file.display()))?;
             for (k, page) in buf[..n].chunks(ps as usize).enumerate() {
                 if page.iter().any(|b| *b != 0) {
                     w.write_page(off / ps + k as u64, page)?;
@@ -105,29 +126,13 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<ExitCode> {
     }
     let id = w.finish()?;
     bar.finish_and_clear();
-    let out = Imported {
-        image: args.out.display().to_string(),
+    Ok(Imported {
+        image: out.display().to_string(),
         id: id.to_string(),
         bytes: len,
         pages: len / ps,
         data_pages,
         zero_pages: len / ps - data_pages,
         seconds: t0.elapsed().as_secs_f64(),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!(
-            "{}: {} MiB in {} pages of {} KiB: {} data (checksummed), {} zero (holes); id {} ({:.2} s)",
-            out.image,
-            len >> 20,
-            out.pages,
-            ps >> 10,
-            out.data_pages,
-            out.zero_pages,
-            out.id,
-            out.seconds
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    })
 }

@@ -303,14 +303,7 @@ pub fn run(args: &FirecrackerBenchArgs) -> anyhow::Result<FcReport> {
     let image = dir.path().join("mem.img");
     let want = Arc::new(snapshot(args.size, args.data_percent));
     std::fs::write(&mem, &*want)?;
-    crate::import::run(&crate::import::ImportArgs {
-        mem_file: mem.clone(),
-        out: image.clone(),
-        page_size: 4096,
-        json: true,
-    })
-    .map(|_| ())
-    .or_else(|e| Err(e).context("importing the memory file"))?;
+    crate::import::import(&mem, &image, 4096).context("importing the memory file")?;
     let methods = [
         Method {
             name: "fault_all",
