@@ -72,7 +72,7 @@ pub fn import(mem_file: &Path, out: &Path, ps: u64) -> anyhow::Result<Imported> 
         0x20_0000 => MemoryKind::Hugetlb,
         _ => bail!("--page-size must be 4K or 2M, not {ps}"),
     };
-    let file = File::open(&mem_file)
+    let file = File::open(mem_file)
         .with_context(|| format!("opening the memory file {}", mem_file.display()))?;
     let len = file.metadata()?.len();
     if len == 0 || len % ps != 0 {

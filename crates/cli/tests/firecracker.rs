@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -388,5 +389,131 @@ fn the_metrics_endpoint_counts_what_the_vms_did() {
         m[r#"livepage_fault_latency_seconds_bucket{le="+Inf"}"#],
         n("faults")
     );
-    drop(srv.child.kill());
+}
+
+/// Touches pages 200..264 of region 0 from one thread, in that order.
+fn touch_some(socket: &Path) {
+    let r = Arc::new(Region::new(MemoryKind::Anon, SIZES[0]).unwrap());
+    let u = uffd();
+    r.register(&u, RegisterMode::MISSING).unwrap();
+    let s = UnixStream::connect(socket).unwrap();
+    let body = format!("[{}]", mapping(r.addr(), SIZES[0], 0, 4096));
+    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    for p in 200..264 {
+        r.read_u64(p * 4096).unwrap();
+    }
+    drop(s);
+}
+
+#[test]
+fn a_working_set_recorded_for_a_snapshot_is_replayed_for_the_next_vm() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let m = mem.to_str().unwrap();
+    // First VM: faults only, recorded.
+    let mut srv = server_with(
+        dir.path(),
+        &[
+            "--mem-file",
+            m,
+            "--prefetch",
+            "none",
+            "--record-working-set",
+        ],
+        &["--max-vms", "1"],
+    );
+    touch_some(&srv.socket);
+    let ev = events(&srv, 3);
+    assert!(
+        ev.iter().any(|e| e["event"] == "notice"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("recorded a working set of 64 pages")),
+        "{ev:?}"
+    );
+    assert!(common::exit_status(&mut srv, Duration::from_secs(20)).success());
+    let wset = livepage_restore::WorkingSet::load(&dir.path().join("mem.wset"), 2048).unwrap();
+    assert_eq!(wset.pages, (200..264).collect::<Vec<u64>>());
+    drop(srv);
+    // Second VM of the same snapshot: the recorded pages are placed first,
+    // so its touches find them there.
+    let srv = server_with(
+        dir.path(),
+        &["--mem-file", m, "--prefetch", "recorded"],
+        &["--max-vms", "1"],
+    );
+    touch_some(&srv.socket);
+    let ev = events(&srv, 2);
+    let f = &ev[1];
+    assert_eq!(f["event"], "finished", "{ev:?}");
+    assert!(
+        f["faults"].as_u64().unwrap() < 64,
+        "the recorded pages should have been prefetched before the touches: {f}"
+    );
+}
+
+#[test]
+fn an_imported_memory_file_serves_the_same_memory_and_verifies() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    let img = dir.path().join("mem.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_livepage"))
+        .args([
+            "import-firecracker",
+            mem.to_str().unwrap(),
+            "--json",
+            "--out",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Every seventh page of the snapshot is zero.
+    let pages = (want.len() / 4096) as u64;
+    assert_eq!(v["pages"].as_u64().unwrap(), pages);
+    assert_eq!(v["zero_pages"].as_u64().unwrap(), pages.div_ceil(7));
+    let out = Command::new(env!("CARGO_BIN_EXE_livepage"))
+        .arg("verify")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A refused page size, and a file that is not whole pages.
+    let out = Command::new(env!("CARGO_BIN_EXE_livepage"))
+        .args([
+            "import-firecracker",
+            mem.to_str().unwrap(),
+            "--page-size",
+            "8K",
+            "--out",
+        ])
+        .arg(dir.path().join("x.img"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4K or 2M"));
+    let mut srv = server(dir.path(), &["--image", img.to_str().unwrap()], 1);
+    run_vm(&srv.socket, &want);
+    let ev = events(&srv, 2);
+    assert_eq!(ev[1]["failed"], false, "{ev:?}");
+    assert!(common::exit_status(&mut srv, Duration::from_secs(20)).success());
 }

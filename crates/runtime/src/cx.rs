@@ -38,6 +38,41 @@ impl Reader {
             pending: Vec::with_capacity(BATCH),
         }
     }
+
+    /// Reads userfaultfd `fd`'s events (under the policy's read guard):
+    /// discards and the like go to the policy at once, in the order read;
+    /// the faults are left in `self.batch`. The one place livepage reads
+    /// userfaultfd events, with [`Cx::drain`] and [`Reader::read_unserved`].
+    pub(crate) fn read_batch<P: Policy>(&mut self, policy: &P, fd: usize) -> Result<(), ReadError> {
+        let Some(uffd) = policy.fds().get(fd) else {
+            return Ok(());
+        };
+        let guard = policy.before_read(fd);
+        for ev in uffd.read_events(&mut self.events)? {
+            match ev {
+                Event::PageFault(pf) => self.batch.push(pf),
+                other => policy.event(fd, other),
+            }
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    /// After a failure: reads `fd`'s events without the policy's placement;
+    /// each fault goes to `on_fault`, the rest are dropped (a fork's fd is
+    /// closed), so no thread that raised one stays blocked.
+    pub(crate) fn read_unserved(
+        &mut self,
+        uffd: &Uffd,
+        mut on_fault: impl FnMut(PageFault),
+    ) -> Result<(), ReadError> {
+        for ev in uffd.read_events(&mut self.events)? {
+            if let Event::PageFault(pf) = ev {
+                on_fault(pf);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why [`Cx::resolve`] stopped.

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use livepage_uffd::ReadError;
 use livepage_uffd::poll::{EventFd, PollSet};
-use livepage_uffd::{Event, EventBuffer, ReadError};
 
 use crate::cx::{Cx, Fault, Reader};
 use crate::error::{RuntimeError, panic_message};
@@ -148,20 +148,8 @@ impl<P: Policy> Worker<P> {
     /// the order read), then the faults as one batch, then the faults their
     /// drains read.
     fn serve_read(&mut self, policy: &P, fd: usize) -> Result<(), ReadError> {
-        let Some(uffd) = policy.fds().get(fd) else {
-            return Ok(());
-        };
+        self.reader.read_batch(policy, fd)?;
         let mut batch = std::mem::take(&mut self.reader.batch);
-        {
-            let guard = policy.before_read(fd);
-            for ev in uffd.read_events(&mut self.reader.events)? {
-                match ev {
-                    Event::PageFault(pf) => batch.push(pf),
-                    other => policy.event(fd, other),
-                }
-            }
-            drop(guard);
-        }
         let n = batch.len();
         for pf in batch.drain(..) {
             let (mut cx, local) = self.split(policy);
@@ -344,7 +332,7 @@ fn handler_thread<P: Policy>(sup: &Supervisor<P>, name: &str, mine: &[usize], st
             None
         }
     };
-    let mut events = EventBuffer::new(crate::cx::BATCH);
+    let mut spare = Reader::new();
     loop {
         let failed = sup.failed.load(Ordering::SeqCst);
         let timeout = match (&mut worker, failed) {
@@ -403,22 +391,16 @@ fn handler_thread<P: Policy>(sup: &Supervisor<P>, name: &str, mine: &[usize], st
                 _ => {
                     // Failed: read on, answer faults without the policy's
                     // placement, drop the rest (a fork's fd is closed).
-                    match fds[fd].read_events(&mut events) {
-                        Ok(evs) => {
-                            for ev in evs {
-                                if let Event::PageFault(pf) = ev {
-                                    let f = Fault {
-                                        fd,
-                                        fault: pf,
-                                        batch: 1,
-                                    };
-                                    let _ = catch_unwind(AssertUnwindSafe(|| {
-                                        policy.fault_after_failure(&f)
-                                    }));
-                                }
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    let res = spare.read_unserved(&fds[fd], |pf| {
+                        let f = Fault {
+                            fd,
+                            fault: pf,
+                            batch: 1,
+                        };
+                        let _ = catch_unwind(AssertUnwindSafe(|| policy.fault_after_failure(&f)));
+                    });
+                    if res.is_err() {
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                 }
             }

@@ -117,6 +117,14 @@ pub fn events(srv: &Server, n: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server a test did not stop itself goes with the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits for the server process to exit; its status.
 pub fn exit_status(srv: &mut Server, within: Duration) -> std::process::ExitStatus {
     let t0 = Instant::now();
