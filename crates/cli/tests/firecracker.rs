@@ -340,7 +340,7 @@ fn the_metrics_endpoint_counts_what_the_vms_did() {
     let want = memory();
     let mem = dir.path().join("mem");
     std::fs::write(&mem, &want).unwrap();
-    let mut srv = server_with(
+    let srv = server_with(
         dir.path(),
         &["--mem-file", mem.to_str().unwrap()],
         &[
