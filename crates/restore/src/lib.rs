@@ -1,7 +1,7 @@
 //! Lazy restore: memory is usable at once; a page arrives when it is first
 //! touched while a background prefetcher fills the rest, demand first.
 //!
-//! The core, [`serve`], serves userfaultfds it is given, over memory it may
+//! The core, [`serve()`], serves userfaultfds it is given, over memory it may
 //! not own (another process's, like a Firecracker guest's RAM: the ioctls
 //! act on the fd's process), described by an [`AddressMap`] from host
 //! ranges to source pages. It takes a resident set (pages already correct,

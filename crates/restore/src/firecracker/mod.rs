@@ -1,4 +1,4 @@
-//! Serving Firecracker VMs: its page-fault handshake ([`handshake`]) and a
+//! Serving Firecracker VMs: its page-fault handshake ([`handshake()`]) and a
 //! server ([`Server`]) that runs the full restore engine for each VM that
 //! connects: several handler threads, background prefetch (sequential or a
 //! recorded working set), zero runs left to the kernel (an image's index,
