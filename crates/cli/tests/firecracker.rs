@@ -41,21 +41,10 @@ fn reject_reason(socket: &Path, body: &str, with_fd: bool) -> String {
 /// One VM: maps and registers its regions, hands them over, then touches,
 /// discards and checks every page.
 fn run_vm(socket: &Path, want: &[u8]) {
-    let regions: Vec<Arc<Region>> = SIZES
-        .iter()
-        .map(|s| Arc::new(Region::new(MemoryKind::Anon, *s).unwrap()))
-        .collect();
-    let u = uffd();
-    for r in &regions {
-        r.register(&u, RegisterMode::MISSING).unwrap();
-    }
-    let body = format!(
-        "[{},{}]",
-        mapping(regions[0].addr(), SIZES[0], 0, 4096),
-        mapping(regions[1].addr(), SIZES[1], SIZES[0], 4096)
+    let (regions, _u, s) = common::vm(
+        socket,
+        &[(SIZES[0], SIZES[0], 0), (SIZES[1], SIZES[1], SIZES[0])],
     );
-    let s = UnixStream::connect(socket).unwrap();
-    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
     // Firecracker keeps its copy of the uffd; so do we, and the socket stays open.
     let mut offset = 0;
     for r in &regions {
@@ -393,14 +382,9 @@ fn the_metrics_endpoint_counts_what_the_vms_did() {
 
 /// Touches pages 200..264 of region 0 from one thread, in that order.
 fn touch_some(socket: &Path) {
-    let r = Arc::new(Region::new(MemoryKind::Anon, SIZES[0]).unwrap());
-    let u = uffd();
-    r.register(&u, RegisterMode::MISSING).unwrap();
-    let s = UnixStream::connect(socket).unwrap();
-    let body = format!("[{}]", mapping(r.addr(), SIZES[0], 0, 4096));
-    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
+    let (r, _u, s) = common::vm(socket, &[(SIZES[0], SIZES[0], 0)]);
     for p in 200..264 {
-        r.read_u64(p * 4096).unwrap();
+        r[0].read_u64(p * 4096).unwrap();
     }
     drop(s);
 }

@@ -14,26 +14,19 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{SIZES, events, exit_status, mapping, memory, ok, server, server_with, uffd, within};
-use livepage_mem::{MemoryKind, Region};
+use common::{SIZES, events, exit_status, mapping, memory, ok, server, server_with, within};
+use livepage_mem::Region;
+use livepage_uffd::Uffd;
 use livepage_uffd::fdpass::send_with_fd;
-use livepage_uffd::{RegisterMode, Uffd};
 
 fn livepage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_livepage"))
 }
 
-/// A VM of one anonymous region of `size` bytes whose first `declared`
-/// bytes are announced (at file offset 0); returns the region, its uffd
-/// and the socket (kept open, as Firecracker does).
+/// One region of `size` bytes, its first `declared` announced.
 fn vm(socket: &std::path::Path, size: usize, declared: usize) -> (Arc<Region>, Uffd, UnixStream) {
-    let r = Arc::new(Region::new(MemoryKind::Anon, size).unwrap());
-    let u = uffd();
-    r.register(&u, RegisterMode::MISSING).unwrap();
-    let s = UnixStream::connect(socket).unwrap();
-    let body = format!("[{}]", mapping(r.addr(), declared, 0, 4096));
-    send_with_fd(s.as_fd(), body.as_bytes(), u.as_fd()).unwrap();
-    (r, u, s)
+    let (mut rs, u, s) = common::vm(socket, &[(size, declared, 0)]);
+    (rs.remove(0), u, s)
 }
 
 fn mem_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {

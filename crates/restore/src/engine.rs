@@ -232,9 +232,9 @@ impl Engine {
         }
     }
 
-    /// A REMOVE: the range reads as zeros from now on. Pages never placed
-    /// are done (zeros when first touched).
-    pub(crate) fn on_remove(&self, start: u64, end: u64) {
+    /// Calls `f(range, first page, end page)` for each range's part of the
+    /// address span `[start, end)`.
+    fn for_each_part(&self, start: u64, end: u64, mut f: impl FnMut(usize, u64, u64)) {
         let mut a = start;
         while a < end {
             let Some((r, p)) = self.map.locate(a) else {
@@ -246,36 +246,54 @@ impl Engine {
             };
             let t = &self.map[r];
             let last = ((end - t.addr).div_ceil(t.page_size as u64)).min(t.pages);
-            let g = self.map.first(r);
-            let zeroed = self.states.discard(g + p, g + last);
-            Counters::add(&self.counters.zero, zeroed);
-            Counters::add(&self.counters.discarded, last - p);
-            self.note_progress();
+            f(r, p, last);
             a = t.addr + last * t.page_size as u64;
         }
     }
 
+    /// A REMOVE: the range reads as zeros from now on. Pages never placed
+    /// are done (zeros when first touched).
+    pub(crate) fn on_remove(&self, start: u64, end: u64) {
+        self.for_each_part(start, end, |r, p, last| {
+            let g = self.map.first(r);
+            let zeroed = self.states.discard(g + p, g + last);
+            Counters::add(&self.counters.zero, zeroed);
+            Counters::add(&self.counters.discarded, last - p);
+        });
+        self.note_progress();
+    }
+
     /// An UNMAP: the range is gone; nothing is left to place there.
     pub(crate) fn on_unmap(&self, start: u64, end: u64) {
-        let mut a = start;
-        while a < end {
-            let Some((r, p)) = self.map.locate(a) else {
-                match self.map.next_start(a) {
-                    Some(next) if next < end => a = next,
-                    _ => break,
-                }
-                continue;
-            };
-            let t = &self.map[r];
-            let last = ((end - t.addr).div_ceil(t.page_size as u64)).min(t.pages);
+        self.for_each_part(start, end, |r, p, last| {
             let g = self.map.first(r);
             for q in p..last {
                 if self.states.claim(g + q) {
                     self.finish(g + q, 1);
                 }
             }
-            a = t.addr + last * t.page_size as u64;
+        });
+    }
+
+    /// Declares source pages `[first, first+count)` of `region` resident:
+    /// done without being fetched. Returns how many were missing.
+    pub(crate) fn mark_resident(&self, region: usize, first: u64, count: u64) -> u64 {
+        let mut n = 0;
+        for (r, t) in self.map.ranges().iter().enumerate() {
+            if t.source_region != region {
+                continue;
+            }
+            let a = first.max(t.source_first);
+            let b = first.saturating_add(count).min(t.source_first + t.pages);
+            if b > a {
+                n += self
+                    .states
+                    .resident(self.map.first(r) + a - t.source_first, b - a);
+            }
         }
+        Counters::add(&self.counters.resident, n);
+        self.note_progress();
+        n
     }
 
     /// The statistics so far.

@@ -170,20 +170,7 @@ pub fn serve(
         map,
     });
     for (region, first, count) in resident {
-        let mut n = 0;
-        for (r, t) in engine.map.ranges().iter().enumerate() {
-            if t.source_region != region {
-                continue;
-            }
-            let a = first.max(t.source_first);
-            let b = (first + count).min(t.source_first + t.pages);
-            if b > a {
-                n += engine
-                    .states
-                    .resident(engine.map.first(r) + a - t.source_first, b - a);
-            }
-        }
-        Counters::add(&engine.counters.resident, n);
+        engine.mark_resident(region, first, count);
     }
     engine.note_progress();
     let rt = Runtime::start(
@@ -387,23 +374,7 @@ impl Restore {
     /// Declares source pages already correct in memory (resident) while
     /// serving: they are never fetched. Returns how many were missing.
     pub fn mark_resident(&self, region: usize, first: u64, count: u64) -> u64 {
-        let e = self.engine();
-        let mut n = 0;
-        for (r, t) in e.map.ranges().iter().enumerate() {
-            if t.source_region != region {
-                continue;
-            }
-            let a = first.max(t.source_first);
-            let b = first.saturating_add(count).min(t.source_first + t.pages);
-            if b > a {
-                n += e
-                    .states
-                    .resident(e.map.first(r) + a - t.source_first, b - a);
-            }
-        }
-        Counters::add(&e.counters.resident, n);
-        e.note_progress();
-        n
+        self.engine().mark_resident(region, first, count)
     }
 
     /// A handle to offer pages unasked (a migration source pushing them).

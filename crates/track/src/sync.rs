@@ -1,10 +1,14 @@
 //! The synchronous write-protect backend, a policy on the fault runtime.
 //!
-//! A write to a protected page is a fault: the handler lets the write
-//! through (un-protects and wakes) and then marks the page. In this order a
-//! collect either sees the mark (and re-protects the page) or runs before
-//! it, in which case the next collect reports the page; marking first could
-//! let a collect clear the mark and re-protect before the write lands.
+//! A write to a protected page is a fault: the handler marks the page and
+//! lets the write through (un-protects and wakes), both under a lock a
+//! collect also holds while it takes the marks and re-protects what they
+//! report. So either the handler goes first (the collect sees the mark, and
+//! its re-protect makes the next write fault again) or the collect does (the
+//! mark stays for the next collect): a write that returned before a collect
+//! began is reported by it, and none is ever lost. Without the lock, marking
+//! first loses a write whose mark a collect takes before the un-protect, and
+//! marking after misses a write that returned before its mark.
 //!
 //! Discards: the regions are registered MISSING|WP with EVENT_REMOVE. The
 //! discarding thread is released when its REMOVE is *read*, and zaps the
@@ -57,6 +61,9 @@ pub(crate) struct SyncPolicy {
     pending: Vec<PageBitmap>,
     /// Held across each read of events and its dispatch.
     read_lock: Mutex<()>,
+    /// Held by a handler across mark + un-protect, and by a collect across
+    /// take + re-protect.
+    mark_lock: Mutex<()>,
     /// Zeros to install, one largest page.
     zeros: Vec<u8>,
     failure: Mutex<Option<TrackError>>,
@@ -113,6 +120,8 @@ impl Policy for SyncPolicy {
         let ps = self.spans[i].page_size;
         let addr = self.spans[i].base + p * ps;
         let res = if f.fault.is_wp() {
+            let _marking = self.mark_lock.lock();
+            self.dirty[i].set(p);
             cx.resolve(
                 0,
                 addr,
@@ -134,11 +143,7 @@ impl Policy for SyncPolicy {
         match res {
             // A missing page goes in as zeros, protected: its contents
             // (zeros since a discard that a collect reports) are unchanged.
-            Ok(()) => {
-                if f.fault.is_wp() {
-                    self.dirty[i].set(p);
-                }
-            }
+            Ok(()) => {}
             Err(source) => self.fail(TrackError::Fault {
                 addr: addr as u64,
                 source,
@@ -207,6 +212,7 @@ impl SyncState {
             dirty: regions.iter().map(|r| PageBitmap::new(r.pages())).collect(),
             pending: regions.iter().map(|r| PageBitmap::new(r.pages())).collect(),
             read_lock: Mutex::new(()),
+            mark_lock: Mutex::new(()),
             zeros: vec![0u8; regions.iter().map(|r| r.page_size()).max().unwrap_or(4096)],
             failure: Mutex::new(None),
         });
@@ -232,23 +238,25 @@ impl SyncState {
                 for (i, r) in regions.iter().enumerate() {
                     let ps = r.page_size() as u64;
                     let mut set = RangeSet::new();
-                    // Clear, then re-protect below before reporting: a write after
-                    // the re-protect faults again and is marked anew. Every event
-                    // read so far has been dispatched once the lock is ours.
-                    let guard = p.read_lock.lock();
+                    // Every event read so far has been dispatched once the
+                    // read lock was ours for a moment (a discard read later
+                    // zaps later).
+                    drop(p.read_lock.lock());
+                    // Take the marks and re-protect what they report under
+                    // the lock handlers hold across mark + un-protect.
+                    let marking = p.mark_lock.lock();
                     for pg in p.dirty[i].take_set() {
                         set.insert(pg as u64 * ps, (pg as u64 + 1) * ps);
                     }
                     let pending = p.pending[i].runs();
-                    drop(guard);
-                    for (a, b) in pending {
+                    for &(a, b) in &pending {
                         set.insert(a as u64 * ps, b as u64 * ps);
-                        p.confirm_zapped(i, r, a, b);
                     }
                     for (s, e) in set.iter() {
                         let (addr, len) = (r.addr() + s as usize, (e - s) as usize);
                         // A pending discard is read here (not waited for): its
-                        // thread is blocked until someone reads it.
+                        // thread is blocked until someone reads it. Faults read
+                        // on the way are served after this body, unlocked.
                         let (mut cx, _) = w.split(p);
                         cx.resolve(
                             0,
@@ -266,6 +274,10 @@ impl SyncState {
                             addr: addr as u64,
                             source,
                         })?;
+                    }
+                    drop(marking);
+                    for (a, b) in pending {
+                        p.confirm_zapped(i, r, a, b);
                     }
                     out.push(DirtyRegion { ranges: set });
                 }

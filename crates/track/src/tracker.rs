@@ -186,13 +186,22 @@ impl DirtyTracker {
             // protected marker (shmem, hugetlbfs; the scan counts markers as
             // swapped), so no harvest would see it. A page swapped out
             // meanwhile is reported too: safe, and only once.
-            let mut gone = std::mem::replace(&mut self.present[i], present);
-            for (s, e) in self.present[i].iter() {
+            let mut gone = std::mem::take(&mut self.present[i]);
+            for (s, e) in present.iter() {
                 gone.remove(s, e);
             }
             for (s, e) in gone.iter() {
                 set.insert(s - base, e - base);
             }
+            // What was reported gone stays in the baseline: it has no page to
+            // protect, so a write the consumer reads after this collect and a
+            // discard before the next one would leave no trace. It is
+            // reported again while it stays gone (reading it, as a pre-copy
+            // round does, maps the zero page and ends that).
+            for (s, e) in gone.iter() {
+                present.insert(s, e);
+            }
+            self.present[i] = present;
             for (s, e) in populated {
                 let mut scan = pm.scan(ScanRequest::harvest_written(s, e));
                 for reg in scan.by_ref() {

@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use livepage_uffd::{Features, Uffd, UffdBuilder};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use livepage_mem::{MemoryKind, Region};
+use livepage_uffd::fdpass::send_with_fd;
+use livepage_uffd::{Features, RegisterMode, Uffd, UffdBuilder};
 
 pub const SIZES: [usize; 2] = [8 << 20, 4 << 20];
 
@@ -150,4 +156,36 @@ pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send +
         std::thread::sleep(Duration::from_millis(10));
     }
     h.join().unwrap()
+}
+
+/// A VM as Firecracker makes one: anonymous regions of `(size, declared,
+/// offset)` registered MISSING on one userfaultfd, handed over with the
+/// first `declared` bytes of each announced at `offset` of the snapshot.
+/// The socket is kept open, as Firecracker does.
+pub fn vm(
+    socket: &Path,
+    regions: &[(usize, usize, usize)],
+) -> (Vec<Arc<Region>>, Uffd, UnixStream) {
+    let u = uffd();
+    let rs: Vec<Arc<Region>> = regions
+        .iter()
+        .map(|&(size, _, _)| {
+            let r = Arc::new(Region::new(MemoryKind::Anon, size).unwrap());
+            r.register(&u, RegisterMode::MISSING).unwrap();
+            r
+        })
+        .collect();
+    let body: Vec<String> = rs
+        .iter()
+        .zip(regions)
+        .map(|(r, &(_, declared, offset))| mapping(r.addr(), declared, offset, 4096))
+        .collect();
+    let s = UnixStream::connect(socket).unwrap();
+    send_with_fd(
+        s.as_fd(),
+        format!("[{}]", body.join(",")).as_bytes(),
+        u.as_fd(),
+    )
+    .unwrap();
+    (rs, u, s)
 }
