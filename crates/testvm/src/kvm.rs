@@ -36,10 +36,11 @@ impl GuestVm {
         dirty_log: bool,
     ) -> Result<GuestVm, VmError> {
         if (region.len() as u64) < ram {
-            return Err(VmError::Spec(format!(
-                "region of {} bytes is smaller than RAM {ram}",
-                region.len()
-            )));
+            return Err(crate::SpecError::RegionTooSmall {
+                region: region.len() as u64,
+                ram,
+            }
+            .into());
         }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let slot = kvm_userspace_memory_region {

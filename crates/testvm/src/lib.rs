@@ -58,12 +58,19 @@ pub struct VmSpec {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VmError {
-    /// /dev/kvm is missing or not accessible.
-    #[error("KVM is not available: {0}")]
-    NoKvm(String),
+    /// /dev/kvm does not exist.
+    #[error(
+        "KVM is not available: /dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd or use a host that offers virtualization)"
+    )]
+    NoKvm,
+    /// /dev/kvm cannot be opened.
+    #[error(
+        "KVM is not available: cannot open /dev/kvm: {0} (add this user to the `kvm` group or run as root)"
+    )]
+    KvmAccess(#[source] std::io::Error),
     /// A bad spec.
     #[error("invalid VM spec: {0}")]
-    Spec(String),
+    Spec(#[from] SpecError),
     /// A KVM ioctl failed.
     #[error("{what} failed")]
     Kvm {
@@ -83,14 +90,84 @@ pub enum VmError {
         registers: String,
     },
     /// Guest code could not be assembled.
-    #[error("assembling the guest program failed: {0}")]
-    Assemble(String),
+    #[error("assembling the guest program failed")]
+    Assemble(#[source] iced_x86::IcedError),
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(#[from] livepage_mem::RegionError),
     /// Restoring from a state that does not match.
     #[error("VM state does not match this VM: {0}")]
-    StateMismatch(String),
+    StateMismatch(#[from] StateMismatch),
+    /// A vCPU thread panicked.
+    #[error("a vCPU thread panicked")]
+    VcpuPanicked,
+}
+
+/// What is wrong with a VM spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// vCPUs out of range.
+    #[error("{0} vCPUs: use 1 to 64")]
+    Vcpus(u32),
+    /// RAM not a multiple of 2 MiB, or too little.
+    #[error("RAM {ram} bytes: use a multiple of 2 MiB of at least {min_mib} MiB")]
+    Ram {
+        /// Bytes asked for.
+        ram: u64,
+        /// The least.
+        min_mib: u64,
+    },
+    /// More RAM than the layout maps.
+    #[error("RAM {gib} GiB exceeds the layout's {max_gib} GiB")]
+    TooMuchRam {
+        /// GiB asked for.
+        gib: u64,
+        /// The most.
+        max_gib: u64,
+    },
+    /// Too little RAM for that many vCPUs.
+    #[error("too little RAM for {0} vCPUs")]
+    RamPerVcpu(u32),
+    /// Iterations that do not fit in 32 bits.
+    #[error("{0} iterations: they must fit in 32 bits (progress is reported in eax)")]
+    Iterations(u64),
+    /// A region smaller than guest RAM.
+    #[error("region of {region} bytes is smaller than RAM {ram}")]
+    RegionTooSmall {
+        /// The region's bytes.
+        region: u64,
+        /// RAM.
+        ram: u64,
+    },
+}
+
+/// How a saved VM state differs from the VM it is loaded into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateMismatch {
+    /// vCPU ids not in order.
+    #[error("vCPU ids out of order ({id} at {index})")]
+    VcpuOrder {
+        /// The id found.
+        id: u32,
+        /// Where.
+        index: usize,
+    },
+    /// An XSAVE area of another size.
+    #[error("XSAVE area of {0} words")]
+    Xsave(usize),
+    /// KVM took fewer MSRs than given.
+    #[error("KVM accepted {accepted} of {given} MSRs")]
+    Msrs {
+        /// Taken.
+        accepted: usize,
+        /// Given.
+        given: usize,
+    },
+    /// The MSR list could not be built.
+    #[error("the MSR list of {0} entries is too long for KVM")]
+    MsrList(usize),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -114,43 +191,43 @@ pub const SAVED_MSRS: [u32; 11] = [
 
 /// Checks that /dev/kvm can be used.
 pub fn check_host() -> Result<(), VmError> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(VmError::NoKvm("/dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd or use a host that offers virtualization)".into()))
-        }
-        Err(e) => Err(VmError::NoKvm(format!("cannot open /dev/kvm: {e} (add this user to the `kvm` group or run as root)"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VmError::NoKvm),
+        Err(e) => Err(VmError::KvmAccess(e)),
     }
 }
 
 /// Checks a spec against the layout and the region.
 pub fn validate(spec: &VmSpec) -> Result<(), VmError> {
     if spec.vcpus == 0 || spec.vcpus > 64 {
-        return Err(VmError::Spec(format!("{} vCPUs: use 1 to 64", spec.vcpus)));
+        return Err(SpecError::Vcpus(spec.vcpus).into());
     }
     if spec.ram < MIN_RAM || spec.ram % (2 << 20) != 0 {
-        return Err(VmError::Spec(format!(
-            "RAM {} bytes: use a multiple of 2 MiB of at least {} MiB",
-            spec.ram,
-            MIN_RAM >> 20
-        )));
+        return Err(SpecError::Ram {
+            ram: spec.ram,
+            min_mib: MIN_RAM >> 20,
+        }
+        .into());
     }
     if spec.ram > layout::MAX_GIB << 30 {
-        return Err(VmError::Spec(format!(
-            "RAM {} GiB exceeds the layout's {} GiB",
-            spec.ram >> 30,
-            layout::MAX_GIB
-        )));
+        return Err(SpecError::TooMuchRam {
+            gib: spec.ram >> 30,
+            max_gib: layout::MAX_GIB,
+        }
+        .into());
     }
     let (_, pages) = layout::slice(spec.ram, spec.vcpus, 0);
     if pages == 0 {
-        return Err(VmError::Spec("too little RAM for that many vCPUs".into()));
+        return Err(SpecError::RamPerVcpu(spec.vcpus).into());
     }
     if let Workload::Dirty { iterations, .. } = spec.workload {
         if iterations > u64::from(u32::MAX) {
-            return Err(VmError::Spec(
-                "iterations must fit in 32 bits (progress is reported in eax)".into(),
-            ));
+            return Err(SpecError::Iterations(iterations).into());
         }
     }
     Ok(())
@@ -161,17 +238,16 @@ pub fn validate(spec: &VmSpec) -> Result<(), VmError> {
 pub fn prepare_memory(region: &Region, spec: &VmSpec) -> Result<(), VmError> {
     validate(spec)?;
     if (region.len() as u64) < spec.ram {
-        return Err(VmError::Spec(format!(
-            "region of {} bytes is smaller than RAM {}",
-            region.len(),
-            spec.ram
-        )));
+        return Err(SpecError::RegionTooSmall {
+            region: region.len() as u64,
+            ram: spec.ram,
+        }
+        .into());
     }
     for (gpa, bytes) in layout::boot_structures(spec.ram) {
         region.write(gpa as usize, &bytes)?;
     }
-    let code =
-        guest::assemble(spec.workload, CODE).map_err(|e| VmError::Assemble(e.to_string()))?;
+    let code = guest::assemble(spec.workload, CODE).map_err(VmError::Assemble)?;
     region.write(CODE as usize, &code)?;
     Ok(())
 }
@@ -184,8 +260,7 @@ pub fn boot_block(spec: &VmSpec) -> Result<Vec<u8>, VmError> {
     for (gpa, bytes) in layout::boot_structures(spec.ram) {
         block[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(&bytes);
     }
-    let code =
-        guest::assemble(spec.workload, CODE).map_err(|e| VmError::Assemble(e.to_string()))?;
+    let code = guest::assemble(spec.workload, CODE).map_err(VmError::Assemble)?;
     block[CODE as usize..CODE as usize + code.len()].copy_from_slice(&code);
     Ok(block)
 }
@@ -285,10 +360,7 @@ impl TestVm {
         let mut vm = Self::create(region, spec, opts)?;
         for (i, s) in state.vcpus.iter().enumerate() {
             if s.id as usize != i {
-                return Err(VmError::StateMismatch(format!(
-                    "vCPU ids out of order ({} at {i})",
-                    s.id
-                )));
+                return Err(StateMismatch::VcpuOrder { id: s.id, index: i }.into());
             }
             vm.load(i, s)?;
         }
@@ -389,22 +461,19 @@ impl TestVm {
         v.fd.set_fpu(&s.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
         if s.xsave.len() != xsave.region.len() {
-            return Err(VmError::StateMismatch(format!(
-                "XSAVE area of {} words",
-                s.xsave.len()
-            )));
+            return Err(StateMismatch::Xsave(s.xsave.len()).into());
         }
         xsave.region.copy_from_slice(&s.xsave);
         kvm::set_xsave(&v.fd, &xsave)?;
         v.fd.set_xcrs(&s.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
-        let msrs = Msrs::from_entries(&s.msrs)
-            .map_err(|e| VmError::StateMismatch(format!("MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| StateMismatch::MsrList(s.msrs.len()))?;
         let set = v.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if set != s.msrs.len() {
-            return Err(VmError::StateMismatch(format!(
-                "KVM accepted {set} of {} MSRs",
-                s.msrs.len()
-            )));
+            return Err(StateMismatch::Msrs {
+                accepted: set,
+                given: s.msrs.len(),
+            }
+            .into());
         }
         v.fd.set_vcpu_events(&s.events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
@@ -462,10 +531,7 @@ impl TestVm {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(VmError::Spec("a vCPU thread panicked".into())))
-                })
+                .map(|h| h.join().unwrap_or(Err(VmError::VcpuPanicked)))
                 .collect()
         });
         let mut paused = false;
@@ -492,7 +558,7 @@ impl TestVm {
                     })
                     .collect::<Vec<_>>(),
             )
-            .map_err(|e| VmError::StateMismatch(format!("MSR list: {e:?}")))?;
+            .map_err(|_| StateMismatch::MsrList(SAVED_MSRS.len()))?;
             let got = v.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
             vcpus.push(VcpuState {
                 id: v.id,

@@ -42,7 +42,7 @@ use serde::Serialize;
 
 pub use checkpoint::{CheckpointStats, precopy_round, write_checkpoint};
 pub use kvm::KvmDirtyLog;
-pub use tracker::{Backend, DirtyTracker};
+pub use tracker::{Backend, DirtyTracker, TrackOptions};
 
 /// Finds the pages written since the previous collect.
 pub trait Tracker: Send {

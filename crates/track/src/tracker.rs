@@ -46,6 +46,23 @@ impl Backend {
     }
 }
 
+/// Options of a [`DirtyTracker`]. Start from [`TrackOptions::default`];
+/// new options will come.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct TrackOptions {
+    /// The backend (`None`: the best this kernel offers).
+    pub backend: Option<Backend>,
+}
+
+impl TrackOptions {
+    /// Sets the backend.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+}
+
 /// Tracks writes to a set of regions with userfaultfd write-protect.
 pub struct DirtyTracker {
     backend: Backend,
@@ -77,7 +94,16 @@ impl DirtyTracker {
         regions: Vec<Arc<Region>>,
         backend: Option<Backend>,
     ) -> Result<DirtyTracker, TrackError> {
-        let backend = backend
+        DirtyTracker::with_options(regions, TrackOptions { backend })
+    }
+
+    /// Starts tracking with `opts`.
+    pub fn with_options(
+        regions: Vec<Arc<Region>>,
+        opts: TrackOptions,
+    ) -> Result<DirtyTracker, TrackError> {
+        let backend = opts
+            .backend
             .or_else(Backend::probe)
             .ok_or(TrackError::Unsupported {
                 backend: Backend::SyncWp,
