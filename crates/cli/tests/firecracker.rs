@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{SIZES, events, mapping, memory, ok, server, server_with, uffd};
+use common::{SIZES, events, mapping, mem_file, memory, ok, server, server_with, uffd};
 use livepage_mem::{MemoryKind, Region};
 use livepage_uffd::fdpass::send_with_fd;
 use livepage_uffd::{Features, RegisterMode, UffdBuilder};
@@ -87,9 +87,7 @@ fn serves_firecracker_vms_from_a_mem_file_and_rejects_bad_handshakes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let mem = dir.path().join("mem");
-    std::fs::write(&mem, &want).unwrap();
+    let (mem, want) = mem_file(dir.path());
     let mut srv = server(dir.path(), &["--mem-file", mem.to_str().unwrap()], 2);
 
     let a = 0x7000_0000_0000usize;
@@ -204,9 +202,7 @@ fn a_snapshot_that_breaks_mid_serving_fails_closed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let mem = dir.path().join("mem");
-    std::fs::write(&mem, &want).unwrap();
+    let (mem, want) = mem_file(dir.path());
     // Faults only, so that the pages beyond the break are still missing.
     let srv = server(
         dir.path(),
@@ -326,9 +322,7 @@ fn the_metrics_endpoint_counts_what_the_vms_did() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let mem = dir.path().join("mem");
-    std::fs::write(&mem, &want).unwrap();
+    let (mem, want) = mem_file(dir.path());
     let srv = server_with(
         dir.path(),
         &["--mem-file", mem.to_str().unwrap()],
@@ -395,9 +389,7 @@ fn a_working_set_recorded_for_a_snapshot_is_replayed_for_the_next_vm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let mem = dir.path().join("mem");
-    std::fs::write(&mem, &want).unwrap();
+    let (mem, _) = mem_file(dir.path());
     let m = mem.to_str().unwrap();
     // First VM: faults only, recorded.
     let mut srv = server_with(
@@ -448,9 +440,7 @@ fn an_imported_memory_file_serves_the_same_memory_and_verifies() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let mem = dir.path().join("mem");
-    std::fs::write(&mem, &want).unwrap();
+    let (mem, want) = mem_file(dir.path());
     let img = dir.path().join("mem.img");
     let out = Command::new(env!("CARGO_BIN_EXE_livepage"))
         .args([

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{SIZES, events, exit_status, mapping, memory, ok, server, server_with, within};
+use common::{SIZES, events, exit_status, mapping, mem_file, ok, server, server_with, within};
 use livepage_mem::Region;
 use livepage_uffd::Uffd;
 use livepage_uffd::fdpass::send_with_fd;
@@ -27,13 +27,6 @@ fn livepage() -> Command {
 fn vm(socket: &std::path::Path, size: usize, declared: usize) -> (Arc<Region>, Uffd, UnixStream) {
     let (mut rs, u, s) = common::vm(socket, &[(size, declared, 0)]);
     (rs.remove(0), u, s)
-}
-
-fn mem_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
-    let want = memory();
-    let mem = dir.join("mem");
-    std::fs::write(&mem, &want).unwrap();
-    (mem, want)
 }
 
 fn page(want: &[u8], p: usize) -> u64 {

@@ -189,3 +189,11 @@ pub fn vm(
     .unwrap();
     (rs, u, s)
 }
+
+/// The snapshot written as a memory file in `dir`; its path and bytes.
+pub fn mem_file(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let want = memory();
+    let mem = dir.join("mem");
+    std::fs::write(&mem, &want).unwrap();
+    (mem, want)
+}
