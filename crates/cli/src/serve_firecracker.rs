@@ -147,6 +147,14 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
     if args.prefetch == FcPrefetch::Recorded && args.record_working_set {
         bail!("--prefetch recorded replays a working set; record it in an earlier run");
     }
+    if args.working_set.is_some()
+        && args.prefetch != FcPrefetch::Recorded
+        && !args.record_working_set
+    {
+        bail!(
+            "--working-set names the file --prefetch recorded reads or --record-working-set writes; give one of them"
+        );
+    }
     let listener = bind(&args.socket)?;
     let opts = ServerOptions::default()
         .handlers(args.handlers)

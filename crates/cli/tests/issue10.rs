@@ -385,6 +385,23 @@ fn issue10_options_without_effect_are_refused() {
         ],
         "at least 1",
     );
+    // A working set file nobody reads or writes.
+    refused(
+        &["vm", "resume", img, "--lazy", "--working-set", "w"],
+        "--prefetch recorded",
+    );
+    refused(
+        &[
+            "serve-firecracker",
+            "--socket",
+            "/nonexistent/s",
+            "--mem-file",
+            img,
+            "--working-set",
+            "w",
+        ],
+        "--prefetch recorded",
+    );
     // Snapshot options without a snapshot, tracker without checkpoints.
     refused(&["vm", "run", "--buffer", "1M"], "--snapshot-at");
     refused(&["vm", "run", "--snapshot-handlers", "2"], "--snapshot-at");

@@ -52,6 +52,14 @@ pub struct ResumeArgs {
 }
 
 pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
+    if args.working_set.is_some()
+        && args.prefetch != Some(PrefetchArg::Recorded)
+        && !args.record_working_set
+    {
+        bail!(
+            "--working-set names the file --prefetch recorded reads or --record-working-set writes; give one of them"
+        );
+    }
     livepage_testvm::check_host()?;
     let chain = livepage_image::Chain::open(&args.image)?;
     let img = chain.head();
