@@ -138,12 +138,6 @@ fn line(ev: &ServerEvent) -> String {
 }
 
 pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
-    let backing = match (&args.mem_file, &args.image) {
-        (Some(f), None) => Backing::mem_file(f)
-            .with_context(|| format!("opening the memory file {}", f.display()))?,
-        (None, Some(i)) => Backing::image(i)?,
-        _ => bail!("give exactly one of --mem-file and --image"),
-    };
     if args.prefetch == FcPrefetch::Recorded && args.record_working_set {
         bail!("--prefetch recorded replays a working set; record it in an earlier run");
     }
@@ -155,6 +149,12 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
             "--working-set names the file --prefetch recorded reads or --record-working-set writes; give one of them"
         );
     }
+    let backing = match (&args.mem_file, &args.image) {
+        (Some(f), None) => Backing::mem_file(f)
+            .with_context(|| format!("opening the memory file {}", f.display()))?,
+        (None, Some(i)) => Backing::image(i)?,
+        _ => bail!("give exactly one of --mem-file and --image"),
+    };
     let listener = bind(&args.socket)?;
     let opts = ServerOptions::default()
         .handlers(args.handlers)

@@ -374,9 +374,11 @@ fn the_metrics_endpoint_counts_what_the_vms_did() {
     );
 }
 
-/// Touches pages 200..264 of region 0 from one thread, in that order.
-fn touch_some(socket: &Path) {
+/// Touches pages 200..264 of region 0 from one thread, in that order,
+/// `after` the handshake.
+fn touch_some(socket: &Path, after: Duration) {
     let (r, _u, s) = common::vm(socket, &[(SIZES[0], SIZES[0], 0)]);
+    std::thread::sleep(after);
     for p in 200..264 {
         r[0].read_u64(p * 4096).unwrap();
     }
@@ -403,7 +405,7 @@ fn a_working_set_recorded_for_a_snapshot_is_replayed_for_the_next_vm() {
         ],
         &["--max-vms", "1"],
     );
-    touch_some(&srv.socket);
+    touch_some(&srv.socket, Duration::ZERO);
     let ev = events(&srv, 3);
     assert!(
         ev.iter().any(|e| e["event"] == "notice"
@@ -424,10 +426,15 @@ fn a_working_set_recorded_for_a_snapshot_is_replayed_for_the_next_vm() {
         &["--mem-file", m, "--prefetch", "recorded"],
         &["--max-vms", "1"],
     );
-    touch_some(&srv.socket);
+    // The VM comes to life a moment after its handshake, as one does.
+    touch_some(&srv.socket, Duration::from_millis(300));
     let ev = events(&srv, 2);
     let f = &ev[1];
     assert_eq!(f["event"], "finished", "{ev:?}");
+    assert_eq!(
+        ev[0]["event"], "accepted",
+        "no fallback from the recorded set: {ev:?}"
+    );
     assert!(
         f["faults"].as_u64().unwrap() < 64,
         "the recorded pages should have been prefetched before the touches: {f}"

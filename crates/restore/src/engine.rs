@@ -66,6 +66,10 @@ pub(crate) struct Demand {
 /// One restore's shared state; the runtime's [`livepage_runtime::Policy`].
 pub(crate) struct Engine {
     pub(crate) fds: Vec<Uffd>,
+    /// Held across each read of events and its dispatch: a discard read by
+    /// one thread is recorded before another reads the faults that follow
+    /// it (the discarding thread runs on as soon as its event is read).
+    pub(crate) read_lock: Mutex<()>,
     pub(crate) map: AddressMap,
     pub(crate) states: PageStates,
     pub(crate) mode: Mode,

@@ -2,6 +2,7 @@
 //! place its page, or leave it to the placer that claimed it), honour
 //! discards and unmaps, wake deferred ranges, fail closed.
 
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,10 @@ impl Policy for Engine {
             // fd, should one come, is dropped (which unregisters the child).
             _ => {}
         }
+    }
+
+    fn before_read(&self, _fd: usize) -> Option<MutexGuard<'_, ()>> {
+        self.read_lock.lock().ok()
     }
 
     fn batch_done(&self, _cx: &mut Cx<'_, Self>, local: &mut Local) {

@@ -3,8 +3,8 @@
 //! pushed pages, a replaceable source; [`start`] creates and registers
 //! userfaultfds over regions of ours and calls it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,7 @@ pub fn serve(
             .features
             .contains(Features::POISON),
         fds,
+        read_lock: Mutex::new(()),
         states,
         mode: opts.mode,
         supply: Supply::new(source, opts.on_source_loss),

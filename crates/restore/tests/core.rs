@@ -341,3 +341,43 @@ fn without_a_new_source_the_deadline_fails_closed() {
         "{res:?}"
     );
 }
+
+/// A discard read by the prefetcher (draining events on EAGAIN) must be
+/// recorded before the handler serves the faults that follow it: the
+/// discarding thread runs on as soon as its event is read, and touches the
+/// page again. Every discarded page reads back as zeros.
+#[test]
+fn a_discard_read_by_the_prefetcher_is_seen_by_the_handler() {
+    if !ok("core_discard_drain") {
+        return;
+    }
+    let pages = 8192;
+    let data = content(pages);
+    for round in 0..4 {
+        let (r, u, map) = target(pages);
+        r.register(&u, RegisterMode::MISSING).unwrap();
+        let src = Arc::new(Counting {
+            inner: MemorySource::new(vec![data.clone()], &[4096]).unwrap(),
+            read: Mutex::new(HashSet::new()),
+            delay: Duration::from_micros(20),
+        });
+        let restore = serve(
+            Target::new(vec![u], map),
+            src,
+            RestoreOptions::default().max_chunk(64 << 10),
+        )
+        .unwrap();
+        // While the prefetcher sweeps, place a page, discard it, read it.
+        for i in 0..400usize {
+            let p = (i * 2749 + round * 7) % pages;
+            r.read_u64(p * 4096).unwrap();
+            r.discard(p * 4096, 4096).unwrap();
+            assert_eq!(
+                r.read_u64(p * 4096 + 8).unwrap(),
+                0,
+                "round {round}: page {p} came back with stale data after its discard"
+            );
+        }
+        restore.wait().unwrap();
+    }
+}
