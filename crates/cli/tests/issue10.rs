@@ -442,3 +442,49 @@ fn issue10_options_without_effect_are_refused() {
         "takes no checkpoint",
     );
 }
+
+#[test]
+fn one_vm_failing_leaves_the_others_served() {
+    if !ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mem, want) = mem_file(dir.path());
+    let mut srv = server(
+        dir.path(),
+        &["--mem-file", mem.to_str().unwrap(), "--prefetch", "none"],
+        2,
+    );
+    // VM A maps the snapshot's second region (the file's tail), VM B its first.
+    let (a, _ua, sa) = common::vm(&srv.socket, &[(SIZES[1], SIZES[1], SIZES[0])]);
+    let (b, _ub, sb) = common::vm(&srv.socket, &[(SIZES[0], SIZES[0], 0)]);
+    let ev = events(&srv, 2);
+    assert!(ev.iter().all(|e| e["event"] == "accepted"), "{ev:?}");
+    // The file loses its tail: A's pages cannot be served any more...
+    std::fs::File::options()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(SIZES[0] as u64)
+        .unwrap();
+    let a2 = a[0].clone();
+    assert!(within(Duration::from_secs(20), move || a2
+        .read_checked(10 * 4096, &mut [0u8; 8])
+        .is_err()));
+    // ...while B is served, every page, from the same server.
+    let b2 = b[0].clone();
+    let w2 = want.clone();
+    assert!(within(Duration::from_secs(30), move || {
+        (0..b2.pages()).all(|p| b2.read_u64(p * 4096 + 8).unwrap() == page(&w2, p))
+    }));
+    drop((sa, sb));
+    let ev = events(&srv, 2);
+    let fin: Vec<_> = ev.iter().filter(|e| e["event"] == "finished").collect();
+    assert_eq!(fin.len(), 2, "{ev:?}");
+    assert_eq!(
+        fin.iter().filter(|f| f["failed"] == true).count(),
+        1,
+        "{ev:?}"
+    );
+    assert!(!exit_status(&mut srv, Duration::from_secs(20)).success());
+}
