@@ -73,3 +73,49 @@ pub(crate) fn set_xsave(fd: &VcpuFd, xsave: &kvm_xsave) -> Result<(), VmError> {
     // dynamic xfeatures, so KVM copies no more than those 4096 bytes.
     unsafe { fd.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))
 }
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (KVM_RUN returns
+/// EINTR; its handler does nothing).
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler once per process.
+pub(crate) fn install_kick_handler() -> Result<(), VmError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| e.errno())
+        })
+        .map_err(|errno| VmError::Kvm {
+            what: "installing the vCPU kick signal handler",
+            source: kvm_ioctls::Error::new(errno),
+        })
+}
+
+/// A vCPU thread that can be kicked while it runs.
+#[derive(Debug)]
+pub(crate) struct Kickable(libc::pthread_t);
+
+impl Kickable {
+    /// The calling thread.
+    pub(crate) fn current() -> Kickable {
+        // SAFETY: pthread_self has no preconditions and cannot fail.
+        Kickable(unsafe { libc::pthread_self() })
+    }
+
+    /// Sends the kick signal. The caller guarantees the thread is still
+    /// alive: threads deregister (under the same lock the kicker holds)
+    /// before they end.
+    pub(crate) fn kick(&self) {
+        // SAFETY: the thread id is live (see above); the signal has a
+        // handler installed by `install_kick_handler` before any vCPU ran,
+        // so delivery only interrupts KVM_RUN or a syscall with EINTR.
+        unsafe {
+            libc::pthread_kill(self.0, kick_signal());
+        }
+    }
+}

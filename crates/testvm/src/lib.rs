@@ -272,15 +272,22 @@ pub struct VmOptions {
     pub dirty_log: bool,
 }
 
-/// Shared run controls: pause requests and per-vCPU progress for monitors.
+/// Shared run controls: pause requests, a write-rate throttle and per-vCPU
+/// progress for monitors.
 #[derive(Debug)]
 pub struct RunControl {
     /// Stop each vCPU at its first progress report at or past this step.
     pub stop_at: Option<u64>,
-    /// Set to pause every vCPU at its next progress report.
+    /// Set to pause every vCPU at its next progress report (or at once, with
+    /// [`RunControl::pause_now`]).
     pub pause: AtomicBool,
     /// Steps done per vCPU, updated at each report.
     pub progress: Vec<AtomicU64>,
+    /// Steps per second per vCPU (0: as fast as the vCPU goes). Enforced at
+    /// progress reports, so over [`guest::PROGRESS_EVERY`] steps.
+    rate: AtomicU64,
+    /// vCPU threads inside [`TestVm::run`], to kick out of KVM_RUN.
+    running: std::sync::Mutex<Vec<Option<kvm::Kickable>>>,
 }
 
 impl RunControl {
@@ -290,6 +297,8 @@ impl RunControl {
             stop_at,
             pause: AtomicBool::new(false),
             progress: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            rate: AtomicU64::new(0),
+            running: std::sync::Mutex::new((0..vcpus).map(|_| None).collect()),
         })
     }
     /// Total steps done.
@@ -298,6 +307,53 @@ impl RunControl {
             .iter()
             .map(|p| p.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Limits each vCPU to `steps_per_sec` steps (writes, for the dirty
+    /// workload) per second; 0 lifts the limit.
+    pub fn set_rate(&self, steps_per_sec: u64) {
+        self.rate.store(steps_per_sec, Ordering::Relaxed);
+    }
+
+    /// Pauses every vCPU now, between two guest instructions, rather than
+    /// at its next progress report: running vCPUs are kicked out of
+    /// KVM_RUN. Returns once none is inside the guest any more; the run
+    /// then returns [`RunOutcome::Paused`] (unless every vCPU finished).
+    pub fn pause_now(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        // A kick that lands just before a vCPU enters KVM_RUN is lost, so
+        // kick until every thread has left.
+        loop {
+            let Ok(running) = self.running.lock() else {
+                return;
+            };
+            let mut any = false;
+            for k in running.iter().flatten() {
+                k.kick();
+                any = true;
+            }
+            drop(running);
+            if !any {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    fn enter(&self, vcpu: u32) {
+        if let Ok(mut r) = self.running.lock() {
+            if let Some(slot) = r.get_mut(vcpu as usize) {
+                *slot = Some(kvm::Kickable::current());
+            }
+        }
+    }
+
+    fn leave(&self, vcpu: u32) {
+        if let Ok(mut r) = self.running.lock() {
+            if let Some(slot) = r.get_mut(vcpu as usize) {
+                *slot = None;
+            }
+        }
     }
 }
 
@@ -512,6 +568,7 @@ impl TestVm {
         for v in &self.vcpus {
             control.progress[v.id as usize].store(v.progress, Ordering::Relaxed);
         }
+        kvm::install_kick_handler()?;
         let abort = AtomicBool::new(false);
         let results: Vec<Result<bool, VmError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -521,7 +578,9 @@ impl TestVm {
                 .map(|v| {
                     let abort = &abort;
                     s.spawn(move || {
+                        control.enter(v.id);
                         let r = run_vcpu(v, control, abort);
+                        control.leave(v.id);
                         if r.is_err() {
                             abort.store(true, Ordering::SeqCst);
                         }
@@ -619,10 +678,22 @@ impl TestVm {
 
 /// Runs one vCPU; Ok(true) when it halted, Ok(false) when it stopped at a report.
 fn run_vcpu(v: &mut Vcpu, control: &RunControl, abort: &AtomicBool) -> Result<bool, VmError> {
+    let mut throttle = Throttle::default();
+    // No I/O is pending completion (at the start, and after KVM_RUN was
+    // interrupted): the vCPU may stop here with a consistent state.
+    let mut clean = true;
     loop {
+        if clean && (control.pause.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst)) {
+            return Ok(false);
+        }
         let exit = match v.fd.run() {
             Ok(e) => e,
-            Err(e) if e.errno() == libc_eintr() || e.errno() == libc_eagain() => continue,
+            // Kicked (pause_now): KVM_RUN left the guest between two
+            // instructions, after completing any pending I/O.
+            Err(e) if e.errno() == libc_eintr() || e.errno() == libc_eagain() => {
+                clean = true;
+                continue;
+            }
             Err(source) => {
                 return Err(VmError::Kvm {
                     what: "KVM_RUN",
@@ -630,6 +701,7 @@ fn run_vcpu(v: &mut Vcpu, control: &RunControl, abort: &AtomicBool) -> Result<bo
                 });
             }
         };
+        clean = false;
         let report = match exit {
             VcpuExit::IoOut(port, data)
                 if port == guest::PORT_PROGRESS || port == guest::PORT_DONE =>
@@ -651,6 +723,7 @@ fn run_vcpu(v: &mut Vcpu, control: &RunControl, abort: &AtomicBool) -> Result<bo
         if let Some((port, count)) = report {
             v.progress = count;
             control.progress[v.id as usize].store(count, Ordering::Relaxed);
+            throttle.wait(count, control, abort);
             let stop = port == guest::PORT_PROGRESS
                 && (control.stop_at.is_some_and(|s| count >= s)
                     || control.pause.load(Ordering::SeqCst)
@@ -673,6 +746,40 @@ fn run_vcpu(v: &mut Vcpu, control: &RunControl, abort: &AtomicBool) -> Result<bo
                 }
                 return Ok(false);
             }
+        }
+    }
+}
+
+/// Holds a vCPU to the control's rate, measured from the first report
+/// under the current rate.
+#[derive(Default)]
+struct Throttle {
+    base: Option<(std::time::Instant, u64, u64)>,
+}
+
+impl Throttle {
+    fn wait(&mut self, count: u64, control: &RunControl, abort: &AtomicBool) {
+        let rate = control.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            self.base = None;
+            return;
+        }
+        let (t0, c0, r0) = *self
+            .base
+            .get_or_insert((std::time::Instant::now(), count, rate));
+        if r0 != rate {
+            self.base = Some((std::time::Instant::now(), count, rate));
+            return;
+        }
+        let due =
+            t0 + std::time::Duration::from_secs_f64(count.saturating_sub(c0) as f64 / rate as f64);
+        // Sleeps in slices so that a pause is not held up.
+        while std::time::Instant::now() < due
+            && !control.pause.load(Ordering::SeqCst)
+            && !abort.load(Ordering::SeqCst)
+        {
+            let left = due.saturating_duration_since(std::time::Instant::now());
+            std::thread::sleep(left.min(std::time::Duration::from_millis(5)));
         }
     }
 }

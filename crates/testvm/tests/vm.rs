@@ -369,3 +369,80 @@ fn guest_faults_served_by_userfaultfd() {
         expected_checksum(workload, spec.ram, 2)
     );
 }
+
+#[test]
+fn pause_now_stops_between_reports_and_the_state_resumes_exactly() {
+    require!(kvm_ok(), "no KVM");
+    let workload = Workload::Dirty {
+        seed: 11,
+        iterations: 40_000,
+    };
+    let spec = VmSpec {
+        ram: 64 * MIB,
+        vcpus: 2,
+        workload,
+    };
+    let region = boot(MemoryKind::Anon, spec).unwrap();
+    let mut vm = TestVm::new(region.clone(), spec, VmOptions::default()).unwrap();
+    let mut pauses = Vec::new();
+    for round in 0..4 {
+        let control = RunControl::new(2, None);
+        let kicker = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(60 + 37 * round));
+                let t = std::time::Instant::now();
+                control.pause_now();
+                t.elapsed()
+            })
+        };
+        let outcome = vm.run(&control).unwrap();
+        pauses.push(kicker.join().unwrap());
+        if outcome == RunOutcome::Finished {
+            break;
+        }
+        let state = VmState::from_bytes(&vm.save().unwrap().to_bytes()).unwrap();
+        drop(vm);
+        vm = TestVm::restore(region.clone(), &state, VmOptions::default()).unwrap();
+    }
+    run_to_end(&mut vm);
+    assert_eq!(
+        checksum(&region, spec.ram).unwrap(),
+        expected_checksum(workload, spec.ram, 2)
+    );
+    // A report comes every 1024 steps (tens of ms here); a kick is far quicker.
+    let worst = pauses.iter().max().unwrap();
+    assert!(
+        *worst < std::time::Duration::from_millis(20),
+        "pause_now took {pauses:?}"
+    );
+}
+
+#[test]
+fn the_rate_throttle_holds_a_vcpu_to_its_steps_per_second() {
+    require!(kvm_ok(), "no KVM");
+    let spec = VmSpec {
+        ram: 64 * MIB,
+        vcpus: 1,
+        workload: Workload::Dirty {
+            seed: 2,
+            iterations: 6 * 1024,
+        },
+    };
+    let region = boot(MemoryKind::Anon, spec).unwrap();
+    let mut vm = TestVm::new(region.clone(), spec, VmOptions::default()).unwrap();
+    let control = RunControl::new(1, None);
+    control.set_rate(8 * 1024);
+    let t = std::time::Instant::now();
+    assert_eq!(vm.run(&control).unwrap(), RunOutcome::Finished);
+    // 5 intervals of 1024 steps at 8192 steps/s: at least 0.625 s.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        checksum(&region, spec.ram).unwrap(),
+        expected_checksum(spec.workload, spec.ram, 1)
+    );
+}
