@@ -185,6 +185,22 @@ pub enum RegionError {
     /// The region has no memfd or alias (anon/THP).
     #[error("a {0} region has no page cache alias")]
     NoAlias(MemoryKind),
+    /// Finding the memfd's data extents failed (SEEK_DATA/SEEK_HOLE).
+    #[error("finding the data extents of the {kind} region's memfd failed: {errno}")]
+    Extents {
+        /// Memory type.
+        kind: MemoryKind,
+        /// The errno.
+        errno: Errno,
+    },
+    /// Finding the present pages failed (PAGEMAP_SCAN).
+    #[error("finding the present pages of the {kind} region failed")]
+    Present {
+        /// Memory type.
+        kind: MemoryKind,
+        /// Cause.
+        source: livepage_uffd::ScanError,
+    },
 }
 
 /// An owned region of memory of one [`MemoryKind`].
@@ -501,6 +517,63 @@ impl Region {
             Ok(Some(next)) => next >= (offset + len) as u64,
             Err(_) => false,
         }
+    }
+
+    /// Byte ranges that may hold data: pages present or swapped in this
+    /// mapping (anon, THP; PAGEMAP_SCAN), the memfd's data extents (shmem;
+    /// SEEK_DATA/SEEK_HOLE), or pages present in either mapping (hugetlbfs,
+    /// which has no SEEK_DATA). Everything outside reads as
+    /// zeros without ever having been written, so a copy can skip it.
+    pub fn data_ranges(&self) -> Result<crate::RangeSet, RegionError> {
+        let mut set = crate::RangeSet::new();
+        let err = |errno| RegionError::Extents {
+            kind: self.kind,
+            errno,
+        };
+        let scan_err = |source| RegionError::Present {
+            kind: self.kind,
+            source,
+        };
+        match (&self.file, self.kind) {
+            (Some(f), MemoryKind::Shmem) => {
+                let mut off = 0u64;
+                let end = self.len() as u64;
+                while off < end {
+                    let Some(start) = mm::seek_data(f, off).map_err(err)? else {
+                        break;
+                    };
+                    if start >= end {
+                        break;
+                    }
+                    let stop = mm::seek_hole(f, start)
+                        .map_err(err)?
+                        .unwrap_or(end)
+                        .min(end);
+                    set.insert(start, stop);
+                    off = stop;
+                }
+            }
+            // hugetlbfs has no SEEK_DATA (every offset is data to it): a page
+            // is in its file once mapped through either of the mappings.
+            _ => {
+                let mut pm = livepage_uffd::Pagemap::open_self().map_err(scan_err)?;
+                let bases = std::iter::once(self.addr()).chain(self.alias_addr());
+                for base in bases {
+                    let base = base as u64;
+                    let req = livepage_uffd::ScanRequest::any_of(
+                        base,
+                        base + self.len() as u64,
+                        livepage_uffd::Categories::PRESENT | livepage_uffd::Categories::SWAPPED,
+                        livepage_uffd::Categories::empty(),
+                    );
+                    for r in pm.scan(req) {
+                        let r = r.map_err(scan_err)?;
+                        set.insert(r.start - base, r.end - base);
+                    }
+                }
+            }
+        }
+        Ok(set)
     }
 
     /// madvise on part of the main mapping.

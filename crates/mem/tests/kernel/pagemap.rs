@@ -240,3 +240,30 @@ fn transact_no_write_is_lost() {
         drop(u);
     }
 }
+
+/// `Region::data_ranges`: exactly the pages written (anon, THP at 4 KiB
+/// granularity of presence, shmem and hugetlbfs extents), and nothing after
+/// a discard.
+#[test]
+fn data_ranges_are_the_written_pages_of_every_kind() {
+    for kind in [MemoryKind::Anon, MemoryKind::Shmem, MemoryKind::Hugetlb] {
+        let test = "data_ranges_are_the_written_pages_of_every_kind";
+        if kind == MemoryKind::Anon && require_scan(test).is_none() {
+            continue;
+        }
+        let ps = kind.page_size();
+        let Some(r) = region(test, kind, 8) else {
+            continue;
+        };
+        assert!(r.data_ranges().unwrap().is_empty(), "{kind}: fresh");
+        for p in [1usize, 2, 5] {
+            r.write_u64(p * ps + 8, 0x55).unwrap();
+        }
+        let got: Vec<_> = r.data_ranges().unwrap().iter().collect();
+        let ps = ps as u64;
+        assert_eq!(got, vec![(ps, 3 * ps), (5 * ps, 6 * ps)], "{kind}");
+        r.discard(2 * ps as usize, ps as usize).unwrap();
+        let got: Vec<_> = r.data_ranges().unwrap().iter().collect();
+        assert_eq!(got, vec![(ps, 2 * ps), (5 * ps, 6 * ps)], "{kind}");
+    }
+}
