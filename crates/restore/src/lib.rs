@@ -54,7 +54,7 @@ mod zero_runs;
 pub use error::RestoreError;
 pub use map::{AddressMap, MapError, MappedRange};
 pub use options::{Mode, Notice, NoticeReporter, OnSourceLoss, Prefetch, RestoreOptions, Stall};
-pub use serve::{Observer, Pusher, Restore, Target, serve, start};
+pub use serve::{Observer, Pushed, Pusher, Restore, Target, serve, start};
 pub use source::memory::MemorySourceError;
 pub use source::raw_file::RawFileError;
 pub use source::{

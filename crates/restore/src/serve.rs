@@ -372,6 +372,13 @@ impl Restore {
         Ok(())
     }
 
+    /// The pages of source region `region` that are done (placed, resident,
+    /// discarded or lost), as ranges of source page numbers: what a
+    /// migration destination reports it holds when the link comes back.
+    pub fn done_ranges(&self, region: usize) -> livepage_mem::RangeSet {
+        self.observer().done_ranges(region)
+    }
+
     /// Declares source pages already correct in memory (resident) while
     /// serving: they are never fetched. Returns how many were missing.
     pub fn mark_resident(&self, region: usize, first: u64, count: u64) -> u64 {
@@ -500,6 +507,31 @@ impl std::fmt::Debug for Observer {
 }
 
 impl Observer {
+    /// See [`Restore::done_ranges`].
+    pub fn done_ranges(&self, region: usize) -> livepage_mem::RangeSet {
+        let e = &self.0;
+        let mut set = livepage_mem::RangeSet::new();
+        for (r, t) in e.map.ranges().iter().enumerate() {
+            if t.source_region != region {
+                continue;
+            }
+            let g = e.map.first(r);
+            let mut p = 0;
+            while p < t.pages {
+                if !e.states.is_done(g + p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < t.pages && e.states.is_done(g + p) {
+                    p += 1;
+                }
+                set.insert(t.source_first + start, t.source_first + p);
+            }
+        }
+        set
+    }
+
     /// The statistics so far.
     pub fn stats(&self) -> RestoreStats {
         self.0.stats()
@@ -533,11 +565,24 @@ impl std::fmt::Debug for Pusher {
     }
 }
 
+/// What became of a push.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Pages placed by this push.
+    pub placed: u64,
+    /// Pages (source page numbers) being placed by someone else right now,
+    /// typically a fault whose read is still waiting: the push did not
+    /// place them, and the producer may hand their data to that read.
+    pub busy: Vec<u64>,
+}
+
 impl Pusher {
     /// Offers source pages `[first, first + data.len()/page_size)` of
-    /// `region` with their contents. Returns how many were placed.
-    pub fn push(&mut self, region: usize, first: u64, data: &[u8]) -> Result<u64, RestoreError> {
+    /// `region` with their contents. Pages done already (placed, resident,
+    /// discarded) are skipped; pages another placer holds are listed as busy.
+    pub fn push(&mut self, region: usize, first: u64, data: &[u8]) -> Result<Pushed, RestoreError> {
         let e = self.engine.clone();
+        let mut out = Pushed::default();
         let Some(ps) = e
             .map
             .ranges()
@@ -545,10 +590,9 @@ impl Pusher {
             .find(|t| t.source_region == region)
             .map(|t| t.page_size)
         else {
-            return Ok(0);
+            return Ok(out);
         };
         let n = (data.len() / ps) as u64;
-        let mut placed = 0;
         let mut k = 0;
         while k < n {
             let Some(g) = e.map.global_of_source(region, first + k) else {
@@ -565,6 +609,9 @@ impl Pusher {
                 .min((e.max_chunk / ps) as u64);
             let got = e.states.claim_run(g, g + max);
             if got == 0 {
+                if !e.states.is_done(g) {
+                    out.busy.push(first + k);
+                }
                 k += 1;
                 continue;
             }
@@ -585,10 +632,10 @@ impl Pusher {
             }
             Counters::add(&e.counters.pushed, got);
             e.finish(g, got);
-            placed += got;
+            out.placed += got;
             k += got;
             self.worker.serve_pending(&e);
         }
-        Ok(placed)
+        Ok(out)
     }
 }

@@ -183,7 +183,8 @@ fn pushed_pages_race_faults_and_discards() {
             let p = (k * 1237) % pages;
             placed += pusher
                 .push(0, p as u64, &d2[p * 4096..(p + 1) * 4096])
-                .unwrap();
+                .unwrap()
+                .placed;
         }
         placed
     });
@@ -380,4 +381,91 @@ fn a_discard_read_by_the_prefetcher_is_seen_by_the_handler() {
         }
         restore.wait().unwrap();
     }
+}
+
+/// A source whose demand reads wait until the test lets them go.
+struct Gated {
+    inner: MemorySource,
+    gate: Mutex<bool>,
+    open: std::sync::Condvar,
+    entered: AtomicBool,
+}
+
+impl PageSource for Gated {
+    fn regions(&self) -> Vec<SourceRegion> {
+        self.inner.regions()
+    }
+    fn read_pages(
+        &self,
+        r: usize,
+        first: u64,
+        buf: &mut [u8],
+        lane: Lane,
+    ) -> Result<bool, SourceError> {
+        self.entered.store(true, Ordering::SeqCst);
+        let mut g = self.gate.lock().unwrap();
+        while !*g {
+            g = self.open.wait(g).unwrap();
+        }
+        drop(g);
+        self.inner.read_pages(r, first, buf, lane)
+    }
+}
+
+#[test]
+fn a_push_reports_pages_a_waiting_fault_holds_and_done_ranges_follow() {
+    if !ok("core_push_busy") {
+        return;
+    }
+    let pages = 64;
+    let data = content(pages);
+    let (r, u, map) = target(pages);
+    r.register(&u, RegisterMode::MISSING).unwrap();
+    let src = Arc::new(Gated {
+        inner: MemorySource::new(vec![data.clone()], &[4096]).unwrap(),
+        gate: Mutex::new(false),
+        open: std::sync::Condvar::new(),
+        entered: AtomicBool::new(false),
+    });
+    let restore = serve(
+        Target::new(vec![u], map).resident(0, 40, 8),
+        src.clone(),
+        RestoreOptions::default().prefetch(Prefetch::None),
+    )
+    .unwrap();
+    // A fault on page 5 claims it and waits in the source.
+    let faulter = {
+        let r = r.clone();
+        std::thread::spawn(move || r.read_u64(5 * 4096 + 8).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !src.entered.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the fault never reached the source"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut pusher = restore.pusher();
+    let out = pusher.push(0, 4, &data[4 * 4096..7 * 4096]).unwrap();
+    assert_eq!(out.placed, 2, "pages 4 and 6 are placed");
+    assert_eq!(out.busy, vec![5], "page 5 is held by the waiting fault");
+    let done: Vec<_> = restore.done_ranges(0).iter().collect();
+    assert_eq!(done, vec![(4, 5), (6, 7), (40, 48)]);
+    *src.gate.lock().unwrap() = true;
+    src.open.notify_all();
+    assert_eq!(
+        faulter.join().unwrap(),
+        u64::from_ne_bytes(data[5 * 4096 + 8..5 * 4096 + 16].try_into().unwrap())
+    );
+    let done: Vec<_> = restore.done_ranges(0).iter().collect();
+    assert_eq!(done, vec![(4, 7), (40, 48)]);
+    // The pusher holds the userfaultfd open: dropped with the restore.
+    drop(pusher);
+    restore.wait().unwrap();
+    // The resident pages were never fetched: never written here, they read
+    // as zeros.
+    let mut want = data.clone();
+    want[40 * 4096..48 * 4096].fill(0);
+    assert!(whole(&r) == want);
 }
