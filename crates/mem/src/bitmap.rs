@@ -79,6 +79,20 @@ impl PageBitmap {
         None
     }
 
+    /// The first set page at or after `from`, if any (skips clear words).
+    pub fn next_set(&self, from: usize) -> Option<usize> {
+        let mut p = from;
+        while p < self.pages {
+            let w = self.words[p / 64].load(Ordering::Acquire) & !((1u64 << (p % 64)) - 1);
+            if w != 0 {
+                let q = (p / 64) * 64 + w.trailing_zeros() as usize;
+                return (q < self.pages).then_some(q);
+            }
+            p = (p / 64 + 1) * 64;
+        }
+        None
+    }
+
     /// Clears every set page and returns them, in order. Skips clear words, so
     /// the cost is one atomic per 64 pages plus one per set page.
     pub fn take_set(&self) -> Vec<usize> {
@@ -98,22 +112,14 @@ impl PageBitmap {
         out
     }
 
-    /// Set pages as maximal runs `[start, end)`.
+    /// Set pages as maximal runs `[start, end)` (skips clear and full words).
     pub fn runs(&self) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
-        let mut start = None;
-        for p in 0..self.pages {
-            match (self.get(p), start) {
-                (true, None) => start = Some(p),
-                (false, Some(s)) => {
-                    out.push((s, p));
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = start {
-            out.push((s, self.pages));
+        let mut p = 0;
+        while let Some(s) = self.next_set(p) {
+            let e = self.next_clear(s).unwrap_or(self.pages);
+            out.push((s, e));
+            p = e;
         }
         out
     }
@@ -160,6 +166,8 @@ mod tests {
             for from in 0..pages + 2 {
                 let want = (from..pages).find(|&p| !oracle[p]);
                 prop_assert_eq!(b.next_clear(from), want);
+                let want = (from..pages).find(|&p| oracle[p]);
+                prop_assert_eq!(b.next_set(from), want);
             }
             let mut runs_oracle = Vec::new();
             let mut p = 0;

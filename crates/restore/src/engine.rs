@@ -342,6 +342,7 @@ impl Engine {
             fault_p50_us: quantile_us(&lat, 0.5),
             fault_p99_us: quantile_us(&lat, 0.99),
             fault_max_us: quantile_us(&lat, 1.0),
+            fault_total_ms: lat.iter().sum::<u64>() as f64 / 1e6,
             histogram: log2_buckets(&lat),
             stalls: self.slots.stalls(),
             working_set,

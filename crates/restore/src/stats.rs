@@ -56,6 +56,9 @@ pub struct RestoreStats {
     pub fault_p99_us: f64,
     /// Slowest.
     pub fault_max_us: f64,
+    /// Sum of demand-fault service times, in milliseconds: how long
+    /// faulting threads waited in all.
+    pub fault_total_ms: f64,
     /// Demand-fault service times, log2 buckets.
     pub histogram: Vec<Bucket>,
     /// Placements the watchdog reported.
