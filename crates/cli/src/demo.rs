@@ -63,6 +63,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         checkpoint_every: None,
         checkpoint_dir: None,
         tracker: None,
+        migrate: Default::default(),
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -106,6 +107,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         checkpoint_every: Some(15_000),
         checkpoint_dir: Some(ck.clone()),
         tracker: None,
+        migrate: Default::default(),
         json,
     })?;
     if code != ExitCode::SUCCESS {

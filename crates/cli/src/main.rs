@@ -9,6 +9,7 @@ mod import;
 mod inspect;
 mod merge;
 mod metrics;
+mod migration;
 mod probe;
 mod progress;
 mod serve_firecracker;
@@ -79,6 +80,18 @@ enum Command {
     /// Turn Firecracker's raw memory file into a livepage image (zero pages
     /// recorded, every page checksummed).
     ImportFirecracker(import::ImportArgs),
+    /// Make a test CA and a destination (server) and source (client)
+    /// certificate signed by it, for migrations with --tls-creds DIR.
+    TlsCreds {
+        /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem,
+        /// client-cert.pem and client-key.pem into (created; files replaced).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Further names (DNS names or IP addresses) the destination's
+        /// certificate carries besides "livepage".
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
     /// The main scenario on embedded defaults: probe, then a short fault benchmark.
     Demo {
         /// JSON instead of tables.
@@ -113,11 +126,22 @@ enum BenchCommand {
 enum VmCommand {
     /// Run the test VM to completion and check its memory against the host
     /// reference; optionally take a live snapshot on the way.
-    Run(vm::run::RunArgs),
+    Run(Box<vm::run::RunArgs>),
     /// Continue the test VM from a snapshot image (loaded eagerly, or lazily
     /// with --lazy) and check that it ends with the same memory as an
     /// uninterrupted run.
     Resume(vm::resume::ResumeArgs),
+    /// Receive a test VM migrated live from `vm run --migrate-to`, run it to
+    /// the end here and check its memory against the host reference.
+    Receive(vm::receive::ReceiveArgs),
+}
+
+fn tls_creds(out: &std::path::Path, names: &[String]) -> anyhow::Result<ExitCode> {
+    let files = livepage_migrate::tls::generate(out, names)?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints benchmark rows as JSON or as the table `render` makes.
@@ -156,6 +180,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Track(args)) => bench::track::main(&args),
         Command::Vm(VmCommand::Run(args)) => vm::run::run(&args),
         Command::Vm(VmCommand::Resume(args)) => vm::resume::resume(&args),
+        Command::Vm(VmCommand::Receive(args)) => vm::receive::receive(&args),
+        Command::TlsCreds { out, names } => tls_creds(&out, &names),
         Command::Inspect { image, json } => inspect::inspect(&image, json),
         Command::Verify { image, json } => verify::verify(&image, json),
         Command::Merge { image, out, json } => merge::merge(&image, &out, json),

@@ -139,13 +139,19 @@ impl Convergence {
             .rounds
             .last()
             .is_none_or(|prev| (dirty_bytes as f64) < prev.dirty_bytes as f64 * 0.9);
+        let fits = predicted <= self.cfg.downtime_target;
         let decision = match self.cfg.method {
             Method::StopAndCopy | Method::Postcopy => Decision::StopAndCopy,
-            _ if predicted <= self.cfg.downtime_target => Decision::StopAndCopy,
+            Method::Precopy if fits => Decision::StopAndCopy,
             Method::Precopy if n >= self.cfg.max_rounds => Decision::NotConverging,
             Method::Precopy => Decision::Continue,
+            // Hybrid always ends in post-copy: the pause is the last
+            // collect and the device state, whatever is left.
             Method::Hybrid
-                if n >= self.cfg.max_rounds || (n >= 2 && !shrinking) || rate >= 0.8 * bw =>
+                if fits
+                    || n >= self.cfg.max_rounds
+                    || (n >= 2 && !shrinking)
+                    || rate >= 0.8 * bw =>
             {
                 Decision::Postcopy
             }
@@ -214,6 +220,13 @@ mod tests {
         let d = c.after_round(100_000_000, 1 << 30, 1000 * MS, 60 << 20, 2000 * MS, MS);
         assert_eq!(d, Decision::Continue);
         let d = c.after_round(60 << 20, 60 << 20, 630 * MS, 58 << 20, 1500 * MS, MS);
+        assert_eq!(d, Decision::Postcopy);
+    }
+
+    #[test]
+    fn hybrid_ends_in_postcopy_even_when_the_rest_fits() {
+        let mut c = conv(Method::Hybrid);
+        let d = c.after_round(100_000_000, 1 << 30, 1000 * MS, 1 << 20, 1000 * MS, MS);
         assert_eq!(d, Decision::Postcopy);
     }
 

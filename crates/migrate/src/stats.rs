@@ -42,6 +42,19 @@ pub struct PhaseBytes {
     pub total: u64,
 }
 
+/// Where the downtime went, in ms.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct DowntimeParts {
+    /// The last collect of the dirty tracker.
+    pub collect_ms: f64,
+    /// Pages sent while paused (stop-and-copy, pre-copy's rest; the
+    /// discard list in missing-mode post-copy), until applied there.
+    pub copy_ms: f64,
+    /// The device state, its restore there, and the "resumed" coming back
+    /// (half a round trip taken off).
+    pub resume_ms: f64,
+}
+
 /// The source's report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SourceReport {
@@ -65,6 +78,8 @@ pub struct SourceReport {
     pub downtime_ms: f64,
     /// The pause hook's own time, in ms.
     pub pause_ms: f64,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
     /// Bytes per phase.
     pub bytes: PhaseBytes,
     /// Total bytes ÷ guest RAM.

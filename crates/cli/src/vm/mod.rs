@@ -1,6 +1,8 @@
 //! `livepage vm ...`: the test VM from the command line. Shared parts of
 //! `vm run` ([`run`]) and `vm resume` ([`resume`]).
 
+pub mod migrate;
+pub mod receive;
 pub mod resume;
 pub mod run;
 

@@ -60,12 +60,14 @@ pub struct RunArgs {
     /// Directory for the checkpoint chain (created; existing images are never overwritten).
     #[arg(long, requires = "checkpoint_every")]
     pub checkpoint_dir: Option<std::path::PathBuf>,
-    /// How checkpoints find written pages (default: auto).
-    #[arg(long, value_enum, requires = "checkpoint_every")]
+    /// How checkpoints and migration rounds find written pages (default: auto).
+    #[arg(long, value_enum)]
     pub tracker: Option<TrackerArg>,
     /// Threads serving write-protect faults during the snapshot (default 1).
     #[arg(long, value_parser = at_least_one, requires = "snapshot_at")]
     pub snapshot_handlers: Option<usize>,
+    #[command(flatten)]
+    pub migrate: super::migrate::MigrateArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +89,20 @@ pub struct RunReport {
     pub snapshot: Option<SnapshotReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigrationReport {
+    pub to: String,
+    pub at_steps: Vec<u64>,
+    /// Whether the VM now runs at the destination.
+    pub migrated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<livepage_migrate::SourceReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,6 +157,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    args.migrate.check()?;
+    if args.tracker.is_some()
+        && args.checkpoint_every.is_none()
+        && args.migrate.migrate_to.is_none()
+    {
+        bail!(
+            "--tracker chooses how --checkpoint-every or --migrate-to find written pages; give one of them"
+        );
+    }
+    if let Some(at) = args.migrate.migrate_at {
+        if at == 0 || at >= steps {
+            bail!(
+                "--migrate-at {at} is never reached: each vCPU runs {steps} steps (give 1 to {})",
+                steps - 1
+            );
+        }
+    }
     if let Some(every) = args.checkpoint_every {
         if every == 0 {
             bail!("--checkpoint-every must be at least 1");
@@ -158,7 +191,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         })?);
     prepare_memory(&region, &spec)?;
     let tracker_arg = args.tracker.unwrap_or(TrackerArg::Auto);
-    let kvm_log = args.checkpoint_every.is_some() && tracker_arg == TrackerArg::KvmDirtyLog;
+    // Migration rounds of the test VM use KVM's dirty log unless told
+    // otherwise: every write is the guest's, and it costs the guest least.
+    let migrating = args.migrate.migrate_to.is_some();
+    let kvm_log = (args.checkpoint_every.is_some() && tracker_arg == TrackerArg::KvmDirtyLog)
+        || (migrating && matches!(tracker_arg, TrackerArg::KvmDirtyLog | TrackerArg::Auto));
     let mut vm = TestVm::new(region.clone(), spec, VmOptions { dirty_log: kvm_log })?;
     let total_steps = steps * u64::from(spec.vcpus);
     let bar = crate::progress::bar(total_steps, "guest steps");
@@ -185,6 +222,48 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             let pause = paused.elapsed();
             snapshot = Some((snap, pause, vm.progress()));
         }
+    }
+    if let (Some(to), Some(at)) = (args.migrate.migrate_to, args.migrate.migrate_at) {
+        let control = RunControl::new(spec.vcpus, Some(at));
+        if run_with_bar(&mut vm, &control, &bar)? == RunOutcome::Finished {
+            bail!("the guest finished before --migrate-at {at}");
+        }
+        bar.finish_and_clear();
+        let at_steps = vm.progress();
+        let track: livepage_migrate::TrackerFactory = match tracker_arg {
+            TrackerArg::KvmDirtyLog | TrackerArg::Auto => {
+                let reader = vm.dirty_log_reader();
+                Box::new(move || {
+                    Ok(
+                        Box::new(livepage_track::KvmDirtyLog::start(Box::new(reader))?)
+                            as Box<dyn Tracker>,
+                    )
+                })
+            }
+            t => {
+                let r = region.clone();
+                Box::new(move || {
+                    Ok(
+                        Box::new(livepage_track::DirtyTracker::start(vec![r], t.backend())?)
+                            as Box<dyn Tracker>,
+                    )
+                })
+            }
+        };
+        let out = super::migrate::migrate(vm, region.clone(), track, &args.migrate)?;
+        let migrated = out.result.is_ok();
+        let (error, report) = match out.result {
+            Ok(r) => (None, Some(r)),
+            Err(e) => (Some(format!("{:#}", anyhow::Error::from(e))), None),
+        };
+        let m = MigrationReport {
+            to: to.to_string(),
+            at_steps,
+            migrated,
+            error,
+            report,
+        };
+        return super::migrate::report(args, spec, &region, t0, m, out.finished_here.is_some());
     }
     let mut checkpoints = Vec::new();
     let mut outcome = RunOutcome::Paused;
@@ -275,6 +354,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         matches_reference: sum == want,
         snapshot: snapshot_report,
         checkpoints,
+        migration: None,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -102,7 +102,10 @@ impl Run {
                     if let Some(t) = self.t_paused {
                         let half_rtt = Duration::from_secs_f64(self.rtt.median_ms() / 2e3);
                         self.report.downtime_ms = ms(t.elapsed().saturating_sub(half_rtt));
+                        let p = &mut self.report.downtime_parts;
+                        p.resume_ms = (self.report.downtime_ms - p.collect_ms - p.copy_ms).max(0.0);
                     }
+                    self.retired = None;
                 }
                 Ok(Event::Resident(dest)) => {
                     if let Some(pc) = pc.as_mut() {

@@ -51,6 +51,8 @@ pub(super) struct Run {
     pub(super) t_paused: Option<Instant>,
     /// The destination's report, from its "resident".
     pub(super) dest_report: Option<crate::stats::DestReport>,
+    /// The tracker after its last collect (dropped after the switchover).
+    pub(super) retired: Option<Box<dyn Tracker>>,
 }
 
 fn lost(peer: SocketAddr, phase: FailedIn, here: bool, why: String) -> MigrateError {
@@ -144,6 +146,7 @@ impl Run {
             rtt,
             t_paused: None,
             dest_report: None,
+            retired: None,
         };
         run.report.method = serde_json::to_value(run.opts.converge.method)
             .ok()
@@ -494,9 +497,12 @@ impl Run {
                 return self.give_back(guest, e);
             }
         }
+        let t0 = Instant::now();
         if let Some(mut t) = tracker {
             let collected = t.collect();
-            drop(t);
+            // Dropping it un-protects every page: after the switchover,
+            // not while the guest is paused.
+            self.retired = Some(t);
             match collected {
                 Ok((dirty, _)) => {
                     for (r, d) in dirty.iter().enumerate() {
@@ -511,10 +517,12 @@ impl Run {
                 Err(e) => return self.give_back(guest, e.into()),
             }
         }
+        self.report.downtime_parts.collect_ms = ms(t0.elapsed());
         let method = self.opts.converge.method;
         let postcopy = method == Method::Postcopy
             || (method == Method::Hybrid && decision == Decision::Postcopy);
         let stale = self.not_current();
+        let t1 = Instant::now();
         if !postcopy {
             // Everything before the guest resumes.
             let total = self.bytes_of(&stale);
@@ -526,6 +534,7 @@ impl Run {
             if let Err(e) = self.drain(2, FailedIn::Switchover, true) {
                 return self.give_back(guest, e);
             }
+            self.report.downtime_parts.copy_ms = ms(t1.elapsed());
             if !self.switchover(&device_state, t_paused, true)? {
                 // It may or may not have arrived: recovery finds out.
                 let seen = lost(self.peer(), FailedIn::Switchover, false, self.link.cause());
@@ -563,6 +572,7 @@ impl Run {
                 Ok(b) => self.shared.count(b),
                 Err(e) => return self.give_back(guest, e),
             }
+            self.report.downtime_parts.copy_ms = ms(t1.elapsed());
         }
         let post = Arc::new(Post::new(
             stale
