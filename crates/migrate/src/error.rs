@@ -156,6 +156,16 @@ pub enum MigrateError {
     /// A bad option.
     #[error("{0}")]
     Option(&'static str),
+    /// The migration was abandoned before the guest paused: it runs on here.
+    #[error(
+        "the migration was abandoned before the guest paused ({phase:?}); the guest runs on here"
+    )]
+    Abandoned {
+        /// When.
+        phase: FailedIn,
+        /// Why.
+        source: Box<MigrateError>,
+    },
 }
 
 impl MigrateError {
@@ -167,7 +177,7 @@ impl MigrateError {
             MigrateError::LinkLost {
                 guest_runs_here, ..
             } => *guest_runs_here,
-            MigrateError::NotConverging { .. } => true,
+            MigrateError::NotConverging { .. } | MigrateError::Abandoned { .. } => true,
             MigrateError::RecoveryTimedOut {
                 guest_resumed_here, ..
             } => *guest_resumed_here,

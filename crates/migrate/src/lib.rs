@@ -44,4 +44,4 @@ pub use net::Security;
 pub use progress::{Progress, ProgressView, Stage};
 pub use proto::msg::{DestMode, RegionShape};
 pub use source::{Guest, SourceOptions, TrackerFactory, migrate};
-pub use stats::{DestReport, DowntimeParts, PhaseBytes, SourceReport};
+pub use stats::{DestReport, DowntimeParts, PhaseBytes, RecoveryEvent, SourceReport};

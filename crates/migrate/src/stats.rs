@@ -42,6 +42,24 @@ pub struct PhaseBytes {
     pub total: u64,
 }
 
+/// One lost link, as seen by the source.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct RecoveryEvent {
+    /// When the loss was found (Unix time, ms).
+    pub detected_unix_ms: f64,
+    /// When the new connections worked (Unix time, ms).
+    pub recovered_unix_ms: f64,
+    /// Connection attempts it took.
+    pub attempts: u32,
+}
+
+/// Unix time now, in ms.
+pub(crate) fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
 /// Where the downtime went, in ms.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct DowntimeParts {
@@ -104,6 +122,8 @@ pub struct SourceReport {
     pub resent_pages: u64,
     /// Milliseconds from each loss to the link working again.
     pub recovery_ms: Vec<f64>,
+    /// When each loss was seen and the link worked again (Unix time, ms).
+    pub recovery_events: Vec<RecoveryEvent>,
     /// Pages sent with data, and as zero/untouched ranges without payload.
     pub data_pages: u64,
     /// See `data_pages`.

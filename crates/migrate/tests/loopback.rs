@@ -167,17 +167,23 @@ fn minor_mode_on_shmem_with_tls_and_compression() {
     if !ok("minor_mode_tls") {
         return;
     }
-    for method in [Method::Postcopy, Method::Hybrid] {
+    // Raw chunks are larger than a TLS record: they must cross whole.
+    for (method, compression) in [
+        (Method::Postcopy, Compression::None),
+        (Method::Hybrid, Compression::Lz4),
+    ] {
         let (s, d) = run(&Case {
             method,
             mode: DestMode::Minor,
             src: MemoryKind::Shmem,
             dst: MemoryKind::Shmem,
             tls: true,
-            compression: Compression::Lz4,
+            compression,
             ..Case::default()
         });
         assert!(s.tls && d.tls);
-        assert!(s.compression_ratio < 0.8, "{}", s.compression_ratio);
+        if compression == Compression::Lz4 {
+            assert!(s.compression_ratio < 0.8, "{}", s.compression_ratio);
+        }
     }
 }

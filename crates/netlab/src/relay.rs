@@ -289,7 +289,9 @@ fn accept_loop(inner: &Arc<Inner>, listener: &TcpListener) {
             p.push(pair.clone());
         }
         for up in [true, false] {
-            let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(256);
+            // A delay line of at most 32 reads of 16 KiB (512 KiB): room for
+            // the delay at a gigabit, not a buffer that swallows bulk data.
+            let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(32);
             let (i, p) = (inner.clone(), pair.clone());
             pumps.push(std::thread::spawn(move || read_side(&i, &p, up, &tx)));
             let (i, p) = (inner.clone(), pair.clone());
@@ -322,7 +324,7 @@ fn wait_open(inner: &Inner, pair: &Pair) -> bool {
 
 fn read_side(inner: &Inner, pair: &Pair, up: bool, tx: &SyncSender<(Instant, Vec<u8>)>) {
     let mut src = if up { &pair.client } else { &pair.upstream };
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 16 << 10];
     while wait_open(inner, pair) {
         match src.read(&mut buf) {
             Ok(0) => break,

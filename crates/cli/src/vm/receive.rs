@@ -128,6 +128,7 @@ pub fn receive(args: &ReceiveArgs) -> anyhow::Result<ExitCode> {
     let state = VmState::from_bytes(&state_bytes).context("the VM state the source sent")?;
     let mut vm = TestVm::restore(region.clone(), &state, VmOptions::default())?;
     rx.resumed();
+    eprintln!("resumed here; pages still missing arrive on first touch and in the background");
     let t0 = Instant::now();
     // Pages keep arriving while the guest runs; finish() returns once every
     // page is resident.

@@ -172,19 +172,33 @@ impl Conn {
                 }
             }
             Some(tls) => {
-                scratch.clear();
-                {
-                    let mut c = tls
-                        .conn
-                        .lock()
-                        .map_err(|_| self.io(std::io::Error::other("TLS state poisoned")))?;
-                    c.writer().write_all(&head).map_err(|e| self.io(e))?;
-                    c.writer().write_all(payload).map_err(|e| self.io(e))?;
-                    while c.wants_write() {
-                        c.write_tls(&mut *scratch).map_err(|e| self.io(e))?;
+                // Encrypt a piece under the lock, write it without: rustls
+                // takes only so much plaintext at a time. A small frame
+                // goes as one record.
+                let small: Vec<u8>;
+                let parts: [&[u8]; 2] = if payload.len() <= 16 << 10 {
+                    small = [&head[..], payload].concat();
+                    [&small, &[]]
+                } else {
+                    [&head, payload]
+                };
+                for part in parts {
+                    let mut rest = part;
+                    while !rest.is_empty() {
+                        scratch.clear();
+                        {
+                            let mut c = tls.conn.lock().map_err(|_| {
+                                self.io(std::io::Error::other("TLS state poisoned"))
+                            })?;
+                            let n = c.writer().write(rest).map_err(|e| self.io(e))?;
+                            rest = &rest[n..];
+                            while c.wants_write() {
+                                c.write_tls(&mut *scratch).map_err(|e| self.io(e))?;
+                            }
+                        }
+                        (&self.sock).write_all(&scratch).map_err(|e| self.io(e))?;
                     }
                 }
-                (&self.sock).write_all(&scratch).map_err(|e| self.io(e))?;
             }
         }
         self.sent

@@ -129,5 +129,9 @@ pub fn migrate(
     if opts.converge.max_rounds == 0 {
         return Err(MigrateError::Option("max rounds must be at least 1"));
     }
-    run::Run::start(to, regions, opts)?.go(track, guest)
+    let run = run::Run::start(to, regions, opts).map_err(|e| MigrateError::Abandoned {
+        phase: crate::error::FailedIn::Setup,
+        source: Box::new(e),
+    })?;
+    run.go(track, guest)
 }

@@ -159,6 +159,8 @@ impl Run {
         seen: MigrateError,
     ) -> Result<(), MigrateError> {
         let loss = Instant::now();
+        let detected_unix_ms = crate::stats::unix_ms();
+        let mut attempts = 0u32;
         self.progress.set_stage(Stage::Recovering);
         self.stop_threads();
         // The destination fails closed `recovery_timeout` after it saw the
@@ -184,6 +186,7 @@ impl Run {
                 });
             }
             generation += 1;
+            attempts += 1;
             let (link, welcome) = match control::connect(&self.dial, generation) {
                 Ok(x) => x,
                 Err(MigrateError::Refused { peer, reason }) => {
@@ -235,6 +238,13 @@ impl Run {
             }
             self.report.recoveries += 1;
             self.report.recovery_ms.push(ms(loss.elapsed()));
+            self.report
+                .recovery_events
+                .push(crate::stats::RecoveryEvent {
+                    detected_unix_ms,
+                    recovered_unix_ms: crate::stats::unix_ms(),
+                    attempts,
+                });
             self.progress.set_stage(if pc.is_some() {
                 Stage::Postcopy
             } else {

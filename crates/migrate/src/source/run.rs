@@ -326,7 +326,7 @@ impl Run {
                 Err(e) => {
                     let reason = e.to_string();
                     self.abort(&reason);
-                    return Err(e);
+                    return Err(before_pause(e));
                 }
             }
             self.report.switch_reason = match decision {
@@ -345,7 +345,7 @@ impl Run {
             // Everything in flight lands before the pause.
             if let Err(e) = self.drain(1, FailedIn::Precopy, true) {
                 self.abort(&e.to_string());
-                return Err(e);
+                return Err(before_pause(e));
             }
         } else {
             self.report.switch_reason = "method".into();
@@ -666,6 +666,18 @@ impl Run {
         let ps_bytes: u64 = self.regions.first().map_or(4096, |x| x.page_size() as u64);
         r.postcopy_bytes_per_page_bytes =
             bytes.postcopy as f64 / (r.postcopy_pages * ps_bytes).max(1) as f64;
+    }
+}
+
+/// An error before the pause: the guest never left.
+fn before_pause(e: MigrateError) -> MigrateError {
+    if e.guest_runs_at_source() {
+        e
+    } else {
+        MigrateError::Abandoned {
+            phase: FailedIn::Precopy,
+            source: Box::new(e),
+        }
     }
 }
 
