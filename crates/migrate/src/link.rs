@@ -31,11 +31,41 @@ impl Default for Liveness {
     }
 }
 
-/// Round-trip samples of a whole migration (all generations), in µs.
+/// Unix time in ns (the clock both ends put in frames).
+pub(crate) fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Round-trip samples of a whole migration (all generations), in µs, and
+/// the peer's clock offset taken from the fastest round trip (NTP's way:
+/// the echo's time minus the midpoint of send and receive).
 #[derive(Debug, Default)]
-pub(crate) struct Rtt(Mutex<Vec<u64>>);
+pub(crate) struct Rtt(Mutex<Vec<u64>>, Mutex<Option<(u64, i64)>>);
 
 impl Rtt {
+    /// The peer's clock minus ours, in ns, if measured.
+    pub(crate) fn offset_ns(&self) -> Option<i64> {
+        self.1.lock().ok().and_then(|o| o.map(|(_, off)| off))
+    }
+
+    fn sample(&self, sent: u64, echoed: u64, now: u64) {
+        let rtt = now.saturating_sub(sent);
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < 100_000 {
+                v.push(rtt / 1000);
+            }
+        }
+        let mid = sent / 2 + now / 2;
+        let off = echoed as i64 - mid as i64;
+        if let Ok(mut o) = self.1.lock() {
+            if o.is_none_or(|(best, _)| rtt < best) {
+                *o = Some((rtt, off));
+            }
+        }
+    }
+
     pub(crate) fn median_ms(&self) -> f64 {
         let Ok(mut v) = self.0.lock() else {
             return 0.0;
@@ -118,18 +148,15 @@ impl Link {
         self.last_rx_ns.store(self.now_ns(), Ordering::Relaxed);
     }
 
-    /// Answers a heartbeat, or records the round trip of an echo.
+    /// Answers a heartbeat (with this side's clock), or records the round
+    /// trip and clock offset of an echo.
     pub(crate) fn on_heartbeat(&self, h: &Header) {
         if h.flags & heartbeat::ECHO != 0 {
-            let rtt = self.now_ns().saturating_sub(h.first) / 1000;
-            if let Ok(mut v) = self.rtt.0.lock() {
-                if v.len() < 100_000 {
-                    v.push(rtt);
-                }
-            }
+            self.rtt.sample(h.first, h.id, unix_ns());
         } else {
             let mut e = *h;
             e.flags = heartbeat::ECHO;
+            e.id = unix_ns();
             if let Err(err) = self.control.send(e, &[]) {
                 self.fail(err);
             }
@@ -152,7 +179,7 @@ impl Link {
                 while !link.is_down() {
                     let mut h = Header::new(Kind::Heartbeat);
                     h.id = seq;
-                    h.first = link.now_ns();
+                    h.first = unix_ns();
                     seq += 1;
                     if let Err(e) = link.control.send(h, &[]) {
                         link.fail(e);

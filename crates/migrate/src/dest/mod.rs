@@ -432,7 +432,9 @@ impl Receiving {
             self.report.switchover_ms = ms(t.elapsed());
         }
         if let Some(l) = self.session.link.read().ok().and_then(|l| l.clone()) {
-            if let Err(e) = l.control.send(Header::new(Kind::Resumed), &[]) {
+            let mut h = Header::new(Kind::Resumed);
+            h.first = crate::link::unix_ns();
+            if let Err(e) = l.control.send(h, &[]) {
                 l.fail(e);
             }
         }

@@ -21,8 +21,8 @@ use crate::stats::DestReport;
 pub(crate) enum Event {
     /// Every bulk connection's data up to end marker `id` is applied.
     Drained(u64),
-    /// The guest runs at the destination.
-    Resumed,
+    /// The guest runs at the destination (since its Unix time in ns).
+    Resumed(u64),
     /// Every page is resident there (its report, if it sent one).
     Resident(Box<Option<DestReport>>),
     /// It gave up.
@@ -141,7 +141,7 @@ fn read(link: &Link, shapes: &[RegionShape], events: &Sender<Event>) -> Result<(
                 continue;
             }
             Kind::Drained => Event::Drained(h.id),
-            Kind::Resumed => Event::Resumed,
+            Kind::Resumed => Event::Resumed(h.first),
             Kind::Resident => Event::Resident(Box::new(serde_json::from_slice(&payload).ok())),
             Kind::Abort => Event::Abort(String::from_utf8_lossy(&payload).into_owned()),
             Kind::Have => {

@@ -95,13 +95,24 @@ impl Run {
                 self.progress.set_done(sent * self.page_bytes());
             }
             let ev = self.wait_for(FailedIn::Postcopy, false, |e| {
-                matches!(e, Event::Resumed | Event::Resident(_))
+                matches!(e, Event::Resumed(_) | Event::Resident(_))
             });
             match ev {
-                Ok(Event::Resumed) => {
+                Ok(Event::Resumed(at)) => {
                     if let Some(t) = self.t_paused {
-                        let half_rtt = Duration::from_secs_f64(self.rtt.median_ms() / 2e3);
-                        self.report.downtime_ms = ms(t.elapsed().saturating_sub(half_rtt));
+                        // One clock: the destination's resume time in ours
+                        // (offset from the fastest heartbeat round trip),
+                        // else arrival less half a round trip.
+                        self.report.downtime_ms = match (self.rtt.offset_ns(), self.paused_unix_ns)
+                        {
+                            (Some(off), Some(p)) => {
+                                (at as i64 - off - p as i64).max(0) as f64 / 1e6
+                            }
+                            _ => {
+                                let half_rtt = Duration::from_secs_f64(self.rtt.median_ms() / 2e3);
+                                ms(t.elapsed().saturating_sub(half_rtt))
+                            }
+                        };
                         let p = &mut self.report.downtime_parts;
                         p.resume_ms = (self.report.downtime_ms - p.collect_ms - p.copy_ms).max(0.0);
                     }

@@ -49,6 +49,8 @@ pub(super) struct Run {
     pub(super) rtt: Arc<Rtt>,
     /// When the guest stopped here.
     pub(super) t_paused: Option<Instant>,
+    /// The same, Unix time in ns.
+    pub(super) paused_unix_ns: Option<u64>,
     /// The destination's report, from its "resident".
     pub(super) dest_report: Option<crate::stats::DestReport>,
     /// The tracker after its last collect (dropped after the switchover).
@@ -145,6 +147,7 @@ impl Run {
             phase,
             rtt,
             t_paused: None,
+            paused_unix_ns: None,
             dest_report: None,
             retired: None,
         };
@@ -349,6 +352,18 @@ impl Run {
             }
         } else {
             self.report.switch_reason = "method".into();
+            // The tracker runs from before the scan to the pause, so the
+            // scan (slow on a fragmented memfd) is not downtime.
+            match track().map_err(MigrateError::from).and_then(|t| {
+                tracker = Some(t);
+                self.scan_touched()
+            }) {
+                Ok(()) => {}
+                Err(e) => {
+                    self.abort(&e.to_string());
+                    return Err(before_pause(e));
+                }
+            }
         }
         // The switchover: the guest stops here.
         self.progress.set_stage(Stage::Switchover);
@@ -364,6 +379,7 @@ impl Run {
             }
         };
         let t_paused = Instant::now();
+        self.paused_unix_ns = Some(crate::link::unix_ns());
         self.report.pause_ms = ms(t_paused - t_pause);
         self.phase.store(PHASE_SWITCHOVER, Ordering::Relaxed);
         let result = self.after_pause(tracker.take(), decision, device_state, t_paused, guest);
