@@ -120,6 +120,10 @@ enum BenchCommand {
     /// Serving Firecracker VMs: time until every page is resident, livepage's
     /// server (prefetch, zero runs) against Firecracker's fault_all strategy.
     Firecracker(bench::firecracker::FirecrackerBenchArgs),
+    /// Live migration of the test VM between two network namespaces: every
+    /// method at several write rates over 1 Gbit/s and 100 Mbit/s + 10 ms,
+    /// beside stop-and-copy and the physical limit.
+    Migrate(bench::migrate::MigrateBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +172,8 @@ fn main() -> ExitCode {
             .and_then(|rows| report(args.json, &rows, || bench::demand::render(&rows))),
         Command::Bench(BenchCommand::Restore(args)) => bench::restore::run(&args)
             .and_then(|r| report(args.json, &r, || bench::restore::render(&r))),
+        Command::Bench(BenchCommand::Migrate(args)) => bench::migrate::run(&args)
+            .and_then(|r| report(args.json, &r, || bench::migrate::render(&r))),
         Command::Bench(BenchCommand::Firecracker(args)) => bench::firecracker::run(&args)
             .and_then(|r| report(args.json, &r, || bench::firecracker::render(&r))),
         Command::Bench(BenchCommand::Snapshot(args)) => {

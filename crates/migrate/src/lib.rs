@@ -35,6 +35,7 @@ pub mod proto;
 mod source;
 mod stats;
 pub mod tls;
+mod window;
 
 pub use codec::Compression;
 pub use converge::{Converge, Decision, Method, Round};

@@ -45,6 +45,14 @@ pub(crate) fn unix_ns() -> u64 {
 pub(crate) struct Rtt(Mutex<Vec<u64>>, Mutex<Option<(u64, i64)>>);
 
 impl Rtt {
+    /// The fastest round trip seen (the path without queues), or `None`.
+    pub(crate) fn min(&self) -> Option<std::time::Duration> {
+        self.1
+            .lock()
+            .ok()
+            .and_then(|o| o.map(|(rtt, _)| std::time::Duration::from_nanos(rtt)))
+    }
+
     /// The peer's clock minus ours, in ns, if measured.
     pub(crate) fn offset_ns(&self) -> Option<i64> {
         self.1.lock().ok().and_then(|o| o.map(|(_, off)| off))

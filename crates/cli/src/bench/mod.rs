@@ -3,6 +3,7 @@
 pub mod demand;
 pub mod faults;
 pub mod firecracker;
+pub mod migrate;
 pub mod restore;
 pub mod snapshot;
 pub mod track;

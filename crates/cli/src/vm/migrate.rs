@@ -74,6 +74,11 @@ pub struct MigrateArgs {
     /// guest runs free before); default: free.
     #[arg(long, requires = "migrate_to")]
     pub write_rate: Option<u64>,
+    /// Let the post-copy push fill the network's queues (by default pushed
+    /// data in flight stays near the bandwidth-delay product, so answers to
+    /// faults do not wait behind it); for comparison.
+    #[arg(long, requires = "migrate_to")]
+    pub no_pacing: bool,
     /// The name the destination's certificate must carry (default livepage).
     #[arg(long, requires = "tls_creds")]
     pub tls_server_name: Option<String>,
@@ -135,6 +140,7 @@ impl MigrateArgs {
             .connections(self.connections.unwrap_or(2))
             .compression(compression)
             .recovery_timeout(self.link.recovery())
+            .pace(!self.no_pacing)
             .progress(progress))
     }
 }
@@ -154,6 +160,8 @@ struct VmGuest {
     pause_asked: Arc<AtomicBool>,
     states: Receiver<Result<Vec<u8>, String>>,
     cmds: Sender<Cmd>,
+    /// Steps per vCPU when the guest paused for the switchover.
+    paused_at: Vec<u64>,
 }
 
 impl Guest for VmGuest {
@@ -166,7 +174,12 @@ impl Guest for VmGuest {
             .clone();
         c.pause_now();
         match self.states.recv() {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                if let Ok(st) = livepage_testvm::VmState::from_bytes(&s) {
+                    self.paused_at = st.vcpus.iter().map(|v| v.progress).collect();
+                }
+                Ok(s)
+            }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err("the VM thread ended".into()),
         }
@@ -185,6 +198,8 @@ pub struct Outcome {
     pub result: Result<SourceReport, MigrateError>,
     /// The VM, when it finished here (the migration was abandoned).
     pub finished_here: Option<TestVm>,
+    /// Steps per vCPU when the guest paused for the switchover.
+    pub paused_at: Vec<u64>,
 }
 
 /// Runs `vm` (paused at --migrate-at) on while migrating it to `to`.
@@ -213,6 +228,7 @@ pub fn migrate(
         pause_asked,
         states,
         cmds: cmds.clone(),
+        paused_at: Vec::new(),
     };
     let bars = Bars::start(progress);
     let result = livepage_migrate::migrate(to, vec![region], track, &mut guest, opts);
@@ -228,6 +244,7 @@ pub fn migrate(
     Ok(Outcome {
         result,
         finished_here: (here && outcome == RunOutcome::Finished).then_some(vm),
+        paused_at: guest.paused_at,
     })
 }
 

@@ -37,6 +37,10 @@ pub struct ReceiveArgs {
     /// Fault handler threads.
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub handlers: usize,
+    /// Steps (writes) per second per vCPU while pages still arrive (the
+    /// guest runs free once every page is here); default: free.
+    #[arg(long)]
+    pub write_rate: Option<u64>,
     #[command(flatten)]
     pub link: LinkArgs,
     /// Print JSON instead of a table.
@@ -56,6 +60,10 @@ struct ReceiveReport {
     matches_reference: bool,
     /// vCPUs running here until they finished, in ms.
     run_ms: f64,
+    /// Steps (all vCPUs) when the guest resumed here, and when every page
+    /// was resident.
+    steps_at_resume: u64,
+    steps_when_resident: u64,
     migration_report: DestReport,
 }
 
@@ -130,15 +138,25 @@ pub fn receive(args: &ReceiveArgs) -> anyhow::Result<ExitCode> {
     rx.resumed();
     eprintln!("resumed here; pages still missing arrive on first touch and in the background");
     let t0 = Instant::now();
+    let steps_at_resume: u64 = state.vcpus.iter().map(|v| v.progress).sum();
+    let control = RunControl::new(state.vcpus.len() as u32, None);
+    control.set_rate(args.write_rate.unwrap_or(0));
     // Pages keep arriving while the guest runs; finish() returns once every
     // page is resident.
-    let finisher = std::thread::spawn(move || rx.finish());
-    let control = RunControl::new(state.vcpus.len() as u32, None);
+    let c = control.clone();
+    let finisher = std::thread::spawn(move || {
+        let r = rx.finish();
+        let steps = c.total();
+        c.set_rate(0);
+        (r, steps)
+    });
     let outcome = vm.run(&control);
     let run_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let report = finisher
+    let (report, steps_when_resident) = finisher
         .join()
         .map_err(|_| anyhow::anyhow!("the migration thread panicked"))?;
+    // A guest that finished before the last page came did all its steps.
+    let steps_when_resident = steps_when_resident.max(steps_at_resume);
     drop(bars);
     let report = report.context("the migration failed")?;
     if stop.load(Ordering::SeqCst) {
@@ -160,6 +178,8 @@ pub fn receive(args: &ReceiveArgs) -> anyhow::Result<ExitCode> {
         expected_checksum: format!("{want:016x}"),
         matches_reference: sum == want,
         run_ms,
+        steps_at_resume,
+        steps_when_resident,
         migration_report: report,
     };
     if args.json {

@@ -97,6 +97,8 @@ pub struct RunReport {
 pub struct MigrationReport {
     pub to: String,
     pub at_steps: Vec<u64>,
+    /// Steps per vCPU when the guest paused for the switchover.
+    pub paused_at_steps: Vec<u64>,
     /// Whether the VM now runs at the destination.
     pub migrated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,6 +261,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         let m = MigrationReport {
             to: to.to_string(),
             at_steps,
+            paused_at_steps: out.paused_at.clone(),
             migrated,
             error,
             report,

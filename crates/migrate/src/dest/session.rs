@@ -83,6 +83,9 @@ pub(crate) struct Session {
     pub(crate) bytes: Bytes,
     pub(crate) precopy_pages: AtomicU64,
     pub(crate) pushed_pages: AtomicU64,
+    /// Pushed bytes applied on the current generation, and the last ack.
+    applied: AtomicU64,
+    last_ack: AtomicU64,
     pub(crate) events: Mutex<Sender<Event>>,
     pub(crate) rtt: Arc<Rtt>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -126,6 +129,8 @@ impl Session {
             bytes: Bytes::default(),
             precopy_pages: AtomicU64::new(0),
             pushed_pages: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            last_ack: AtomicU64::new(0),
             events: Mutex::new(events),
             rtt: Arc::new(Rtt::default()),
             threads: Mutex::new(Vec::new()),
@@ -402,6 +407,8 @@ impl Session {
         if let Ok(mut e) = self.ends.lock() {
             e.clear();
         }
+        self.applied.store(0, Ordering::SeqCst);
+        self.last_ack.store(0, Ordering::SeqCst);
         let old = self
             .link
             .write()
@@ -623,6 +630,17 @@ impl Session {
             };
             let out = pu.push(region, h.first, &buf)?;
             self.pushed_pages.fetch_add(out.placed, Ordering::Relaxed);
+            // Applied: the source may push that much more.
+            let done = self
+                .applied
+                .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::SeqCst)
+                + (HEADER_LEN + payload.len()) as u64;
+            if done - self.last_ack.load(Ordering::SeqCst) >= 16 << 10 {
+                self.last_ack.store(done, Ordering::SeqCst);
+                let mut a = Header::new(Kind::Ack);
+                a.id = done;
+                link.control.send(a, &[])?;
+            }
             for p in out.busy {
                 let k = (p - h.first) as usize;
                 let a = if content == pages::ZERO {

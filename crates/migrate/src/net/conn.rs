@@ -59,6 +59,7 @@ pub struct Conn {
     recv: Mutex<RecvBuf>,
     sent: AtomicU64,
     received: AtomicU64,
+    shut: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -128,6 +129,7 @@ impl Conn {
             recv: Mutex::new(RecvBuf::default()),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            shut: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -312,7 +314,13 @@ impl Conn {
 
     /// Closes both directions: a thread blocked reading or writing returns.
     pub fn shutdown(&self) {
+        self.shut.store(true, Ordering::SeqCst);
         let _ = self.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Whether [`Conn::shutdown`] was called.
+    pub fn is_shut(&self) -> bool {
+        self.shut.load(Ordering::SeqCst)
     }
 }
 

@@ -54,6 +54,9 @@ pub enum Kind {
     Have = 14,
     /// Source → destination: statistics of the source's side (JSON).
     Report = 15,
+    /// Destination → source: bulk bytes applied so far on this generation
+    /// (`id`); the source keeps at most a window of pushed data unapplied.
+    Ack = 16,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             13 => Kind::Abort,
             14 => Kind::Have,
             15 => Kind::Report,
+            16 => Kind::Ack,
             _ => return None,
         })
     }
@@ -329,7 +333,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn kinds() -> impl Strategy<Value = Kind> {
-        (1u8..=15).prop_map(|k| Kind::from_u8(k).unwrap_or(Kind::Hello))
+        (1u8..=16).prop_map(|k| Kind::from_u8(k).unwrap_or(Kind::Hello))
     }
 
     proptest! {

@@ -113,12 +113,13 @@ pub(crate) fn spawn_reader(
     link: &Arc<Link>,
     shapes: Vec<RegionShape>,
     events: Sender<Event>,
+    window: Arc<crate::window::Window>,
 ) -> Result<JoinHandle<()>, MigrateError> {
     let link = link.clone();
     std::thread::Builder::new()
         .name("lp-control".into())
         .spawn(move || {
-            let why = match read(&link, &shapes, &events) {
+            let why = match read(&link, &shapes, &events, &window) {
                 Ok(()) => "closed by the destination".to_string(),
                 Err(e) => e.to_string(),
             };
@@ -128,7 +129,12 @@ pub(crate) fn spawn_reader(
         .map_err(spawn_err("lp-control"))
 }
 
-fn read(link: &Link, shapes: &[RegionShape], events: &Sender<Event>) -> Result<(), MigrateError> {
+fn read(
+    link: &Link,
+    shapes: &[RegionShape],
+    events: &Sender<Event>,
+    window: &crate::window::Window,
+) -> Result<(), MigrateError> {
     let conn = &link.control;
     let peer = conn.peer();
     let mut payload = Vec::new();
@@ -138,6 +144,10 @@ fn read(link: &Link, shapes: &[RegionShape], events: &Sender<Event>) -> Result<(
         let ev = match h.kind {
             Kind::Heartbeat => {
                 link.on_heartbeat(&h);
+                continue;
+            }
+            Kind::Ack => {
+                window.on_ack(h.id);
                 continue;
             }
             Kind::Drained => Event::Drained(h.id),

@@ -58,6 +58,10 @@ pub struct SourceOptions {
     pub liveness: Liveness,
     /// A live view for progress bars.
     pub progress: Option<Arc<ProgressView>>,
+    /// Post-copy keeps pushed data in flight to a little over the link's
+    /// bandwidth-delay product, so answers to faults never wait in a
+    /// queue of bulk data (on by default).
+    pub pace: bool,
 }
 
 impl SourceOptions {
@@ -72,7 +76,14 @@ impl SourceOptions {
             recovery_timeout: Duration::from_secs(60),
             liveness: Liveness::default(),
             progress: None,
+            pace: true,
         }
+    }
+
+    /// Sets post-copy pacing.
+    pub fn pace(mut self, on: bool) -> Self {
+        self.pace = on;
+        self
     }
 
     /// Sets the convergence settings.

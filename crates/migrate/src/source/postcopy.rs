@@ -192,43 +192,55 @@ fn serve_demand(link: &Link, shared: &Shared, post: &Post) -> Result<(), Migrate
 }
 
 /// Pushes every stale page not sent yet, from the cursor on (wrapping),
-/// then waits for the senders and tells the destination. Returns whether
-/// the push finished (false: the link died first).
-pub(crate) fn push(link: &Link, senders: &Senders, shared: &Shared, post: &Post) -> bool {
+/// then waits for the senders and tells the destination. The runs queued
+/// are claimed by the senders only as they send them, so a page a fault
+/// asked for meanwhile goes once, on the demand connection. Returns
+/// whether the push finished (false: the link died first).
+pub(crate) fn push(link: &Link, senders: &Senders, shared: &Shared, post: &Arc<Post>) -> bool {
     let n = senders.len();
+    // The push's own position; a fault's request moves it (the hint).
+    let mut hint = post.cursor.load(Ordering::Relaxed);
+    let mut pos = unpack(hint);
     loop {
         if link.is_down() {
             return false;
         }
-        let Some((region, first)) = next_unsent(post) else {
-            break;
+        let h = post.cursor.load(Ordering::Relaxed);
+        if h != hint {
+            hint = h;
+            pos = unpack(h);
+        }
+        let Some((region, first)) = next_from(post, pos) else {
+            // The end: what is queued may still be claimed by a fault, so
+            // only an empty set after the senders drained is the end.
+            senders.flush();
+            if next_from(post, (0, 0)).is_none() {
+                break;
+            }
+            pos = (0, 0);
+            continue;
         };
         let ps = shared.regions[region].page_size() as u64;
-        // Claim a run, within one block and one chunk.
-        let (_, max, conn) = pieces(
-            region,
-            first,
-            first + (CHUNK_BYTES / ps).max(1),
-            ps,
-            CHUNK_BYTES,
-            n,
-        )
-        .next()
-        .unwrap_or((first, 1, conn_of(region, first, ps, n)));
         let todo = &post.todo[region];
-        let mut count = 0u32;
-        while count < max && todo.clear((first + u64::from(count)) as usize) {
+        // A run still to send, within one block and one chunk (paced: a
+        // millisecond of the link).
+        let bytes = if shared.pace {
+            shared.window.chunk(CHUNK_BYTES)
+        } else {
+            CHUNK_BYTES
+        };
+        let (_, max, conn) = pieces(region, first, first + (bytes / ps).max(1), ps, bytes, n)
+            .next()
+            .unwrap_or((first, 1, conn_of(region, first, ps, n)));
+        let mut count = 1u32;
+        while count < max && todo.get((first + u64::from(count)) as usize) {
             count += 1;
         }
-        if count == 0 {
-            continue;
-        }
-        post.pushed.fetch_add(u64::from(count), Ordering::Relaxed);
-        post.cursor
-            .store(pack(region, first + u64::from(count)), Ordering::Relaxed);
+        pos = (region, first + u64::from(count));
         if !senders.send(
             conn,
-            Job::Pages {
+            Job::Push {
+                post: post.clone(),
                 region,
                 first,
                 count,
@@ -237,7 +249,6 @@ pub(crate) fn push(link: &Link, senders: &Senders, shared: &Shared, post: &Post)
             return false;
         }
     }
-    senders.flush();
     if link.is_down() {
         return false;
     }
@@ -248,16 +259,10 @@ pub(crate) fn push(link: &Link, senders: &Senders, shared: &Shared, post: &Post)
     true
 }
 
-/// The next stale page not sent yet, from the cursor (wrapping once).
-fn next_unsent(post: &Post) -> Option<(usize, u64)> {
-    let (r0, p0) = unpack(post.cursor.load(Ordering::Relaxed));
-    let regions = post.todo.len();
-    for k in 0..=regions {
-        let r = (r0 + k) % regions.max(1);
-        let from = if k == 0 { p0 as usize } else { 0 };
-        if let Some(p) = post.todo.get(r).and_then(|t| t.next_set(from)) {
-            return Some((r, p as u64));
-        }
-    }
-    None
+/// The next stale page not sent yet at or after `(region, page)`.
+fn next_from(post: &Post, (r0, p0): (usize, u64)) -> Option<(usize, u64)> {
+    (r0..post.todo.len()).find_map(|r| {
+        let from = if r == r0 { p0 as usize } else { 0 };
+        post.todo[r].next_set(from).map(|p| (r, p as u64))
+    })
 }

@@ -86,7 +86,9 @@ impl Run {
             };
             if let Err(e) = started {
                 self.stop_postcopy(pc);
-                self.recover(Some(pc), guest, e)?;
+                if self.recover(Some(pc), guest, e)? {
+                    return Ok(());
+                }
             }
         }
         loop {
@@ -136,7 +138,11 @@ impl Run {
                     if let Some(pc) = pc.as_mut() {
                         self.stop_postcopy(pc);
                     }
-                    self.recover(pc.as_mut(), guest, *source)?;
+                    if self.recover(pc.as_mut(), guest, *source)? {
+                        // The destination holds every page already (its
+                        // "resident" went down with the old link).
+                        return Ok(());
+                    }
                 }
                 Err(e) => {
                     if let Some(pc) = pc.as_mut() {
@@ -153,22 +159,24 @@ impl Run {
     }
 
     /// The switchover frame could not be sent: find out whether it arrived.
+    /// Returns whether the destination is complete already.
     pub(super) fn recover_switchover(
         &mut self,
         seen: MigrateError,
         guest: &mut dyn Guest,
-    ) -> Result<(), MigrateError> {
+    ) -> Result<bool, MigrateError> {
         self.recover(None, guest, seen)
     }
 
     /// Reconnects until the recovery timeout; then resumes the guest here
-    /// if the destination cannot have finished.
+    /// if the destination cannot have finished. Ok(true): the destination
+    /// says it holds every page.
     fn recover(
         &mut self,
         mut pc: Option<&mut Postcopy>,
         guest: &mut dyn Guest,
         seen: MigrateError,
-    ) -> Result<(), MigrateError> {
+    ) -> Result<bool, MigrateError> {
         let loss = Instant::now();
         let detected_unix_ms = crate::stats::unix_ms();
         let mut attempts = 0u32;
@@ -225,9 +233,13 @@ impl Run {
             match welcome.phase {
                 Phase::Precopy => {
                     // The device state never arrived: the guest is here.
-                    return self.give_back(guest, seen);
+                    return self.give_back(guest, seen).map(|()| false);
                 }
-                Phase::Complete => {}
+                Phase::Complete => {
+                    self.report.recoveries += 1;
+                    self.report.recovery_ms.push(ms(loss.elapsed()));
+                    return Ok(true);
+                }
                 Phase::Postcopy => {
                     if let Some(pc) = pc.as_deref_mut() {
                         match self.collect_have() {
@@ -261,7 +273,7 @@ impl Run {
             } else {
                 Stage::Switchover
             });
-            return Ok(());
+            return Ok(false);
         }
     }
 

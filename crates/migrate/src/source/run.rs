@@ -115,6 +115,9 @@ impl Run {
             policy: Arc::new(AutoPolicy::new(compression, opts.connections.min(cpus))),
             bytes: bytes.clone(),
             phase: phase.clone(),
+            window: Arc::new(crate::window::Window::default()),
+            rtt: rtt.clone(),
+            pace: opts.pace,
         });
         let (ev_tx, events) = channel();
         let current = regions.iter().map(|r| PageBitmap::new(r.pages())).collect();
@@ -161,10 +164,12 @@ impl Run {
 
     pub(super) fn start_threads(&mut self) -> Result<(), MigrateError> {
         let shapes = self.dial.shapes.clone();
+        self.shared.window.reset();
         self.threads.push(control::spawn_reader(
             &self.link,
             shapes,
             self.ev_tx.clone(),
+            self.shared.window.clone(),
         )?);
         self.threads.push(
             self.link
@@ -554,7 +559,9 @@ impl Run {
             if !self.switchover(&device_state, t_paused, true)? {
                 // It may or may not have arrived: recovery finds out.
                 let seen = lost(self.peer(), FailedIn::Switchover, false, self.link.cause());
-                self.recover_switchover(seen, guest)?;
+                if self.recover_switchover(seen, guest)? {
+                    return Ok(());
+                }
             }
             return self.wait_resident(None, true, guest);
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use livepage_mem::Region;
 
@@ -30,6 +30,14 @@ pub(crate) enum Job {
         first: u64,
         count: u32,
     },
+    /// Post-copy push: send the pages of the run still to send, claiming
+    /// each now (a fault's request may have taken some meanwhile).
+    Push {
+        post: Arc<super::postcopy::Post>,
+        region: usize,
+        first: u64,
+        count: u32,
+    },
     /// This connection's bulk data up to here is done (id: which end).
     End(u64),
     /// Answer once every job before is on the wire.
@@ -49,6 +57,11 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<AutoPolicy>,
     pub(crate) bytes: Arc<Bytes>,
     pub(crate) phase: Arc<AtomicU8>,
+    /// Post-copy's bound on pushed data in flight.
+    pub(crate) window: Arc<crate::window::Window>,
+    pub(crate) rtt: Arc<crate::link::Rtt>,
+    /// Whether post-copy pushes are paced by the window.
+    pub(crate) pace: bool,
 }
 
 impl Shared {
@@ -99,18 +112,26 @@ impl Shared {
             h.region = region as u16;
             h.first = first + p as u64;
             h.count = (e - p) as u32;
+            let pushed = reply.is_none() && self.phase.load(Ordering::Relaxed) == PHASE_POSTCOPY;
             if let Some(id) = reply {
                 h.id = id;
                 h.flags |= pages::REPLY;
-            } else if self.phase.load(Ordering::Relaxed) == PHASE_POSTCOPY {
+            } else if pushed {
                 // Pushed: placed through the restore core, never written
                 // over what the guest already uses.
                 h.id = crate::proto::frame::PUSHED;
+                if self.pace {
+                    let rtt = self.rtt.min().unwrap_or(Duration::from_millis(1));
+                    self.window.wait_room(rtt, || link_down(conn));
+                }
             }
             if zero {
                 h.flags |= pages::ZERO;
                 conn.send(h, &[])?;
                 self.count(crate::proto::frame::HEADER_LEN as u64);
+                if pushed {
+                    self.window.on_sent(crate::proto::frame::HEADER_LEN as u64);
+                }
                 add(&self.bytes.zero_pages, (e - p) as u64);
             } else {
                 let raw = &buf[p * ps..e * ps];
@@ -129,6 +150,10 @@ impl Shared {
                 h.flags |= used.flags();
                 conn.send(h, payload)?;
                 self.count((crate::proto::frame::HEADER_LEN + payload.len()) as u64);
+                if pushed {
+                    self.window
+                        .on_sent((crate::proto::frame::HEADER_LEN + payload.len()) as u64);
+                }
                 add(&self.bytes.raw, raw.len() as u64);
                 add(&self.bytes.compressed, payload.len() as u64);
                 add(&self.bytes.data_pages, (e - p) as u64);
@@ -208,6 +233,40 @@ impl Senders {
     }
 }
 
+/// A shut connection (the link died): a pacing wait gives up.
+fn link_down(conn: &Conn) -> bool {
+    conn.is_shut()
+}
+
+/// Claims the pages of a push run still to send, sends them in runs.
+fn push_run(
+    shared: &Shared,
+    conn: &Conn,
+    scratch: &mut Scratch,
+    post: &super::postcopy::Post,
+    region: usize,
+    first: u64,
+    count: u32,
+) -> Result<(), MigrateError> {
+    let todo = &post.todo[region];
+    let end = first + u64::from(count);
+    let mut p = first;
+    while p < end {
+        if !todo.clear(p as usize) {
+            p += 1;
+            continue;
+        }
+        let mut e = p + 1;
+        while e < end && todo.clear(e as usize) {
+            e += 1;
+        }
+        post.pushed.fetch_add(e - p, Ordering::Relaxed);
+        shared.send_pages(conn, scratch, region, p, (e - p) as u32, None)?;
+        p = e;
+    }
+    Ok(())
+}
+
 fn run(link: &Link, conn: &Conn, shared: &Shared, rx: Receiver<Job>) {
     let mut scratch = Scratch::default();
     let mut broken = false;
@@ -235,6 +294,12 @@ fn run(link: &Link, conn: &Conn, shared: &Shared, rx: Receiver<Job>) {
             } => shared
                 .send_pages(conn, &mut scratch, region, first, count, None)
                 .map(|_| ()),
+            Job::Push {
+                post,
+                region,
+                first,
+                count,
+            } => push_run(shared, conn, &mut scratch, &post, region, first, count),
             Job::End(id) => {
                 let mut h = Header::new(Kind::BulkEnd);
                 h.id = id;

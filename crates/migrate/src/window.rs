@@ -1,0 +1,230 @@
+//! How much pushed data may be on its way during post-copy. A fault's
+//! answer shares the path with the bulk push; if the push fills the
+//! network's queues, every answer waits behind them. So the source keeps
+//! pushed-but-unapplied bytes (sent minus what the destination acknowledged
+//! applying) under a window of 1.25 x delivery rate x base round trip (a
+//! little over the bandwidth-delay product, as delay-based congestion
+//! control does): the link stays full and its queue stays near empty.
+//! The rate is the fastest delivery seen in the last second; the round
+//! trip the fastest heartbeat. Kernel-free apart from the clock.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The window's state.
+#[derive(Debug)]
+struct State {
+    sent: u64,
+    acked: u64,
+    /// (when, acked) samples of the last second.
+    samples: VecDeque<(Instant, u64)>,
+    /// Fastest delivery seen over 100 ms steps in the last second, B/s.
+    rate: Option<f64>,
+    last_progress: Instant,
+}
+
+/// Pushed bytes in flight, bounded.
+#[derive(Debug)]
+pub(crate) struct Window {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// The floor of the window.
+const FLOOR: u64 = 16 << 10;
+/// Without an acknowledgement for this long, a sender goes on anyway (the
+/// link may be dying; heartbeats decide that).
+const STALL: Duration = Duration::from_millis(250);
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            state: Mutex::new(State {
+                sent: 0,
+                acked: 0,
+                samples: VecDeque::new(),
+                rate: None,
+                last_progress: Instant::now(),
+            }),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl Window {
+    /// A new link generation: counts start again.
+    pub(crate) fn reset(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.sent = 0;
+            s.acked = 0;
+            s.samples.clear();
+            s.last_progress = Instant::now();
+        }
+        self.cv.notify_all();
+    }
+
+    /// `n` bytes were handed to a bulk connection.
+    pub(crate) fn on_sent(&self, n: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.sent += n;
+        }
+    }
+
+    /// The destination applied `total` bytes of this generation.
+    pub(crate) fn on_ack(&self, total: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if total <= s.acked {
+                return;
+            }
+            s.acked = total;
+            let now = Instant::now();
+            s.last_progress = now;
+            s.samples.push_back((now, total));
+            while s
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+            {
+                s.samples.pop_front();
+            }
+            // Delivery over the samples at least 100 ms apart.
+            let mut best = s.rate.unwrap_or(0.0) * 0.98;
+            let v: Vec<_> = s.samples.iter().copied().collect();
+            let mut j = 0;
+            for i in 0..v.len() {
+                while j < i && v[i].0.duration_since(v[j].0) > Duration::from_millis(100) {
+                    j += 1;
+                }
+                if j > 0 {
+                    let (t0, b0) = v[j - 1];
+                    let dt = v[i].0.duration_since(t0).as_secs_f64();
+                    if dt > 0.0 {
+                        best = best.max((v[i].1 - b0) as f64 / dt);
+                    }
+                }
+            }
+            if best > 0.0 {
+                s.rate = Some(best);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until there is room in the window (or acknowledgements
+    /// stalled, or `give_up` says stop). `rtt` is the base round trip.
+    pub(crate) fn wait_room(&self, rtt: Duration, give_up: impl Fn() -> bool) {
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        loop {
+            let cap = limit(s.rate, rtt);
+            if s.sent.saturating_sub(s.acked) < cap
+                || s.last_progress.elapsed() > STALL
+                || give_up()
+            {
+                return;
+            }
+            s = match self.cv.wait_timeout(s, Duration::from_millis(5)) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
+fn limit(rate: Option<f64>, rtt: Duration) -> u64 {
+    match rate {
+        // Until delivery is measured: a modest start.
+        None => 1 << 20,
+        Some(r) => {
+            let bdp = r * rtt.as_secs_f64();
+            ((1.25 * bdp) as u64).max((r * 0.001) as u64).max(FLOOR)
+        }
+    }
+}
+
+/// The size of a pushed chunk: a millisecond of the link (16 KiB to
+/// `max`), so one chunk never holds an answer up for long.
+fn chunk(rate: Option<f64>, max: u64) -> u64 {
+    rate.map_or(max, |r| {
+        ((r * 0.001) as u64).clamp(16 << 10, max.max(16 << 10))
+    })
+}
+
+impl Window {
+    /// The size of the next pushed chunk, at most `max` bytes.
+    pub(crate) fn chunk(&self, max: u64) -> u64 {
+        chunk(self.state.lock().ok().and_then(|s| s.rate), max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_a_little_over_the_bandwidth_delay_product() {
+        // 12.5 MB/s and 10 ms: 125 KB of BDP, a window of 156 KB.
+        let w = limit(Some(12.5e6), Duration::from_millis(10));
+        assert!((150_000..165_000).contains(&w), "{w}");
+        // A fast link with a short round trip: at least 1 ms of data.
+        let w = limit(Some(125e6), Duration::from_micros(300));
+        assert_eq!(w, 125_000);
+        // Slow and short: the floor.
+        assert_eq!(limit(Some(1e6), Duration::from_millis(1)), FLOOR);
+        assert_eq!(limit(None, Duration::from_millis(1)), 1 << 20);
+        // Chunks: a millisecond of the link.
+        assert_eq!(chunk(Some(12.5e6), 256 << 10), 16 << 10);
+        assert_eq!(chunk(Some(125e6), 256 << 10), 125_000);
+        assert_eq!(chunk(Some(10e9), 256 << 10), 256 << 10);
+        assert_eq!(chunk(None, 256 << 10), 256 << 10);
+    }
+
+    #[test]
+    fn acks_measure_delivery_and_open_the_window() {
+        let w = Window::default();
+        w.on_sent(4_000_000);
+        // 1 MB every 100 ms: 10 MB/s.
+        let t0 = Instant::now();
+        for k in 1..=4u64 {
+            while t0.elapsed() < Duration::from_millis(105 * k) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            w.on_ack(k * 1_000_000);
+        }
+        let rate = w
+            .state
+            .lock()
+            .map(|s| s.rate)
+            .unwrap_or(None)
+            .unwrap_or(0.0);
+        assert!((8e6..10.5e6).contains(&rate), "{rate}");
+        // All acknowledged: room, no wait.
+        let t = Instant::now();
+        w.wait_room(Duration::from_millis(10), || false);
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_full_window_waits_until_acks_or_a_stall() {
+        let w = Window::default();
+        w.on_sent(8 << 20);
+        let t = Instant::now();
+        w.wait_room(Duration::from_millis(10), || false);
+        // No acknowledgement at all: it goes on after the stall limit.
+        assert!(
+            t.elapsed() >= STALL - Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        let t = Instant::now();
+        w.reset();
+        w.on_sent(8 << 20);
+        w.wait_room(Duration::from_millis(10), || {
+            stop.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+}
