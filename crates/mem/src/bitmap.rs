@@ -16,6 +16,43 @@ impl PageBitmap {
         PageBitmap { words, pages }
     }
 
+    /// A copy of what is set now.
+    pub fn snapshot(&self) -> Self {
+        self.map_words(|w, _| w)
+    }
+
+    /// The pages clear here set, and the other way round.
+    pub fn inverted(&self) -> Self {
+        self.map_words(|w, _| !w)
+    }
+
+    /// The pages set both here and in `other` (same length).
+    pub fn and(&self, other: &PageBitmap) -> Self {
+        self.map_words(|w, i| w & other.words.get(i).map_or(0, |o| o.load(Ordering::Acquire)))
+    }
+
+    /// A bitmap of the same length whose word `i` is `f(word i, i)`, the
+    /// bits past the end kept clear.
+    fn map_words(&self, f: impl Fn(u64, usize) -> u64) -> Self {
+        let n = self.words.len();
+        let words = self
+            .words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let mut v = f(w.load(Ordering::Acquire), i);
+                if i + 1 == n && self.pages % 64 != 0 {
+                    v &= (1u64 << (self.pages % 64)) - 1;
+                }
+                AtomicU64::new(v)
+            })
+            .collect();
+        PageBitmap {
+            words,
+            pages: self.pages,
+        }
+    }
+
     /// Number of pages covered.
     pub fn len(&self) -> usize {
         self.pages
@@ -129,6 +166,20 @@ impl PageBitmap {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn inverted_and_and_keep_the_tail_clear() {
+        let a = PageBitmap::new(70);
+        a.set(3);
+        a.set(69);
+        let b = a.inverted();
+        assert_eq!(b.count(), 68);
+        assert!(!b.get(3) && !b.get(69) && b.get(68));
+        let c = a.snapshot();
+        c.set(10);
+        assert_eq!(b.and(&c).runs(), vec![(10, 11)]);
+        assert_eq!(a.count(), 2);
+    }
 
     #[test]
     fn edges() {

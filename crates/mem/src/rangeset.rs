@@ -19,6 +19,25 @@ impl RangeSet {
         if start >= end {
             return;
         }
+        // Ranges mostly come in order (a bitmap's runs, a scan): appending
+        // after the last one needs neither a search nor an allocation.
+        match self.map.last_key_value() {
+            None => {
+                self.map.insert(start, end);
+                return;
+            }
+            Some((&ls, &le)) if ls <= start && le >= start => {
+                if end > le {
+                    self.map.insert(ls, end);
+                }
+                return;
+            }
+            Some((_, &le)) if le < start => {
+                self.map.insert(start, end);
+                return;
+            }
+            _ => {}
+        }
         let (mut s, mut e) = (start, end);
         // A range starting at or before `start` that reaches it.
         if let Some((&ps, &pe)) = self.map.range(..=s).next_back() {

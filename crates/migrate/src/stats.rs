@@ -116,6 +116,10 @@ pub struct SourceReport {
     pub demanded_pages: u64,
     /// Requests answered.
     pub requests: u64,
+    /// Pages sent twice because the destination asked for them again (it
+    /// gave up a copy, or one promised on a bulk connection had not come
+    /// within a second).
+    pub asked_again_pages: u64,
     /// Times the link was lost and came back.
     pub recoveries: u64,
     /// Pages sent again after a recovery (lost in flight).

@@ -32,7 +32,7 @@ pub(crate) struct Window {
 }
 
 /// The floor of the window.
-const FLOOR: u64 = 16 << 10;
+const FLOOR: u64 = 32 << 10;
 /// Without an acknowledgement for this long, a sender goes on anyway (the
 /// link may be dying; heartbeats decide that).
 const STALL: Duration = Duration::from_millis(250);
@@ -80,6 +80,17 @@ impl Window {
             s.acked = total;
             let now = Instant::now();
             s.last_progress = now;
+            // One sample per 5 ms is plenty for rates over 100 ms steps
+            // (and keeps this loop short at thousands of acks a second).
+            let fresh = s
+                .samples
+                .back()
+                .is_some_and(|(t, _)| now.duration_since(*t) < Duration::from_millis(5));
+            if fresh {
+                drop(s);
+                self.cv.notify_all();
+                return;
+            }
             s.samples.push_back((now, total));
             while s
                 .samples

@@ -22,6 +22,9 @@ struct Pending {
     filled: Vec<bool>,
     left: usize,
     failed: bool,
+    /// When the source first said pages of this read come on a bulk
+    /// connection.
+    promised: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -176,7 +179,10 @@ impl Fetcher {
                     }
                     self.kept_current.fetch_add(1, Ordering::Relaxed);
                 }
-                Answer::Sent => continue,
+                Answer::Sent => {
+                    p.promised.get_or_insert_with(std::time::Instant::now);
+                    continue;
+                }
             }
             p.filled[i] = true;
             p.left -= 1;
@@ -224,6 +230,7 @@ impl PageSource for Fetcher {
             filled: vec![false; n],
             left: n,
             failed: false,
+            promised: None,
         };
         for i in 0..n {
             if let Some(d) = s.orphans.remove(&(region, first + i as u64)) {
@@ -235,19 +242,7 @@ impl PageSource for Fetcher {
             }
         }
         // The runs still missing, asked in one pipelined burst.
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < n {
-            if p.filled[i] {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < n && !p.filled[i] {
-                i += 1;
-            }
-            runs.push((first + start as u64, (i - start) as u32));
-        }
+        let runs = missing_runs(first, &p.filled);
         s.pending.insert(id, p);
         drop(s);
         let flags = if self.if_stale.load(Ordering::SeqCst) {
@@ -255,20 +250,12 @@ impl PageSource for Fetcher {
         } else {
             0
         };
-        for (f, c) in runs {
-            let mut h = Header::new(Kind::Request);
-            h.id = id;
-            h.region = region as u16;
-            h.first = f;
-            h.count = c;
-            h.flags = flags;
-            if let Err(e) = link.demand.send(h, &[]) {
-                link.fail(format!("demand connection: {e}"));
-            }
-        }
+        Self::ask(&link, id, region, &runs, flags);
         let mut s = self.state.lock().map_err(|_| self.gone("state poisoned"))?;
+        let t0 = std::time::Instant::now();
+        let mut warned = false;
         loop {
-            let Some(p) = s.pending.get(&id) else {
+            let Some(p) = s.pending.get_mut(&id) else {
                 return Err(self.gone("the request was dropped"));
             };
             if p.left == 0 {
@@ -285,6 +272,27 @@ impl PageSource for Fetcher {
                 }
                 return Err(self.gone(&link.cause()));
             }
+            // Promised on a bulk connection and not come: ask again for
+            // the data itself (the source sends it whatever it sent before).
+            if p.promised.is_some_and(|t| t.elapsed() > AGAIN_AFTER) {
+                p.promised = None;
+                let missing = missing_runs(first, &p.filled);
+                Self::ask(&link, id, region, &missing, request::AGAIN);
+            }
+            if !warned && t0.elapsed() > std::time::Duration::from_secs(2) {
+                warned = true;
+                let missing: Vec<u64> = (0..n as u64)
+                    .filter(|i| !p.filled[*i as usize])
+                    .map(|i| first + i)
+                    .take(8)
+                    .collect();
+                eprintln!(
+                    "warning: a remote fault has waited {:?} for region {region} pages {missing:?} (request {id}; {} requests pending, {} pushed pages held)",
+                    t0.elapsed(),
+                    s.pending.len(),
+                    s.orphans.len()
+                );
+            }
             let (g, _) = self
                 .cv
                 .wait_timeout(s, std::time::Duration::from_millis(50))
@@ -295,5 +303,44 @@ impl PageSource for Fetcher {
         drop(s);
         buf.copy_from_slice(&p.buf);
         Ok(buf.iter().any(|b| *b != 0))
+    }
+}
+
+/// How long a read waits for pages promised on a bulk connection before it
+/// asks for them again.
+const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The runs of pages not filled yet, as (first page, count).
+fn missing_runs(first: u64, filled: &[bool]) -> Vec<(u64, u32)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < filled.len() {
+        if filled[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < filled.len() && !filled[i] {
+            i += 1;
+        }
+        runs.push((first + start as u64, (i - start) as u32));
+    }
+    runs
+}
+
+impl Fetcher {
+    /// Sends requests for `runs` of `region` under request `id`.
+    fn ask(link: &Link, id: u64, region: usize, runs: &[(u64, u32)], flags: u8) {
+        for &(f, c) in runs {
+            let mut h = Header::new(Kind::Request);
+            h.id = id;
+            h.region = region as u16;
+            h.first = f;
+            h.count = c;
+            h.flags = flags;
+            if let Err(e) = link.demand.send(h, &[]) {
+                link.fail(format!("demand connection: {e}"));
+            }
+        }
     }
 }

@@ -629,13 +629,14 @@ impl Session {
                 return Ok(());
             };
             let out = pu.push(region, h.first, &buf)?;
+
             self.pushed_pages.fetch_add(out.placed, Ordering::Relaxed);
             // Applied: the source may push that much more.
             let done = self
                 .applied
                 .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::SeqCst)
                 + (HEADER_LEN + payload.len()) as u64;
-            if done - self.last_ack.load(Ordering::SeqCst) >= 16 << 10 {
+            if done - self.last_ack.load(Ordering::SeqCst) >= 8 << 10 {
                 self.last_ack.store(done, Ordering::SeqCst);
                 let mut a = Header::new(Kind::Ack);
                 a.id = done;

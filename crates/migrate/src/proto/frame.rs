@@ -115,8 +115,12 @@ pub mod request {
     /// Answer [`super::pages::CURRENT`] without data if the destination's
     /// pre-copied page is current (minor mode, before the stale set came).
     pub const IF_STALE: u8 = 1;
+    /// Send the data whatever was sent before: the destination asked
+    /// already and what it was promised has not come (or it gave up a
+    /// copy it received, and asks again).
+    pub const AGAIN: u8 = 2;
     /// Every flag bit defined.
-    pub const ALL: u8 = IF_STALE;
+    pub const ALL: u8 = IF_STALE | AGAIN;
 }
 
 /// Flags of list frames ([`Kind::Stale`], [`Kind::Have`]).

@@ -22,11 +22,16 @@ pub(crate) struct Post {
     /// Stale pages not handed to a connection yet (cleared by whoever
     /// claims one: the push or a demand answer).
     pub(crate) todo: Vec<PageBitmap>,
+    /// Stale pages the push claimed (a request for one is told it comes
+    /// on a bulk connection; one answered on demand before is sent again).
+    pub(crate) pushing: Vec<PageBitmap>,
     /// Where the push goes on: (region, page) packed as region << 48 | page.
     cursor: AtomicU64,
     pub(crate) requests: AtomicU64,
     pub(crate) demanded: AtomicU64,
     pub(crate) pushed: AtomicU64,
+    /// Pages asked for again and sent again.
+    pub(crate) asked_again: AtomicU64,
 }
 
 fn pack(region: usize, page: u64) -> u64 {
@@ -40,24 +45,32 @@ fn unpack(c: u64) -> (usize, u64) {
 impl Post {
     /// A post-copy whose stale pages are `stale`.
     pub(crate) fn new(stale: Vec<PageBitmap>) -> Post {
-        let todo = stale
-            .iter()
-            .map(|s| {
-                let t = PageBitmap::new(s.len());
-                for (a, b) in s.runs() {
-                    t.set_range(a, b);
-                }
-                t
-            })
-            .collect();
+        let todo = stale.iter().map(PageBitmap::snapshot).collect();
+        let pushing = stale.iter().map(|s| PageBitmap::new(s.len())).collect();
         Post {
             stale,
             todo,
+            pushing,
             cursor: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             demanded: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
+            asked_again: AtomicU64::new(0),
         }
+    }
+
+    /// The stale set as ranges (the list the destination is sent).
+    pub(crate) fn stale_sets(&self) -> Vec<livepage_mem::RangeSet> {
+        self.stale
+            .iter()
+            .map(|s| {
+                let mut set = livepage_mem::RangeSet::new();
+                for (a, b) in s.runs() {
+                    set.insert(a as u64, b as u64);
+                }
+                set
+            })
+            .collect()
     }
 
     /// Stale pages in all.
@@ -81,6 +94,7 @@ impl Post {
                     if held.is_some_and(|h| h.contains(p as u64)) {
                         self.todo[r].clear(p);
                     } else if self.todo[r].set(p) {
+                        self.pushing[r].clear(p);
                         resent += 1;
                     }
                 }
@@ -140,8 +154,10 @@ fn serve_demand(link: &Link, shared: &Shared, post: &Post) -> Result<(), Migrate
             pack(region, h.first + u64::from(h.count)),
             Ordering::Relaxed,
         );
-        let if_stale = h.flags & request::IF_STALE != 0;
-        // Classify each page: 0 send its contents, 1 current, 2 sent already.
+        let again = h.flags & request::AGAIN != 0;
+        let if_stale = h.flags & request::IF_STALE != 0 && !again;
+        // Classify each page: 0 send its contents, 1 current, 2 on its way
+        // on a bulk connection.
         let class = |p: u64| -> u8 {
             let p = p as usize;
             if !post.stale[region].get(p) {
@@ -149,8 +165,13 @@ fn serve_demand(link: &Link, shared: &Shared, post: &Post) -> Result<(), Migrate
             } else if post.todo[region].clear(p) {
                 post.demanded.fetch_add(1, Ordering::Relaxed);
                 0
-            } else {
+            } else if post.pushing[region].get(p) && !again {
                 2
+            } else {
+                // Answered on demand before, or promised and not come: the
+                // destination lost it (a placement given up, a recovery).
+                post.asked_again.fetch_add(1, Ordering::Relaxed);
+                0
             }
         };
         let end = h.first + u64::from(h.count);

@@ -23,13 +23,12 @@ use crate::proto::msg::Phase;
 /// The post-copy in progress: its sets and its threads.
 pub(super) struct Postcopy {
     pub(super) post: Arc<Post>,
-    pub(super) stale: Vec<RangeSet>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Run {
     fn start_postcopy(&mut self, pc: &mut Postcopy) -> Result<(), MigrateError> {
-        let b = control::send_list(&self.link.control, Kind::Stale, 0, &pc.stale)?;
+        let b = control::send_list(&self.link.control, Kind::Stale, 0, &pc.post.stale_sets())?;
         self.shared.count(b);
         pc.threads.push(postcopy::spawn_demand(
             &self.link,
@@ -64,13 +63,12 @@ impl Run {
     /// post-copy if `post` is given, recovering lost links.
     pub(super) fn wait_resident(
         &mut self,
-        post: Option<(Arc<Post>, Vec<RangeSet>)>,
+        post: Option<Arc<Post>>,
         switched: bool,
         guest: &mut dyn Guest,
     ) -> Result<(), MigrateError> {
-        let mut pc = post.map(|(post, stale)| Postcopy {
+        let mut pc = post.map(|post| Postcopy {
             post,
-            stale,
             threads: Vec::new(),
         });
         if let Some(pc) = pc.as_mut() {
@@ -128,6 +126,10 @@ impl Run {
                             pc.post.demanded.load(std::sync::atomic::Ordering::Relaxed);
                         self.report.requests =
                             pc.post.requests.load(std::sync::atomic::Ordering::Relaxed);
+                        self.report.asked_again_pages = pc
+                            .post
+                            .asked_again
+                            .load(std::sync::atomic::Ordering::Relaxed);
                         self.stop_postcopy(pc);
                     }
                     self.dest_report = *dest;

@@ -542,10 +542,10 @@ impl Run {
         let method = self.opts.converge.method;
         let postcopy = method == Method::Postcopy
             || (method == Method::Hybrid && decision == Decision::Postcopy);
-        let stale = self.not_current();
         let t1 = Instant::now();
         if !postcopy {
             // Everything before the guest resumes.
+            let stale = self.not_current();
             let total = self.bytes_of(&stale);
             self.progress.stage(Stage::Switchover, 0, total);
             if self.send_sets(&stale).is_none() {
@@ -566,27 +566,22 @@ impl Run {
             return self.wait_resident(None, true, guest);
         }
         // Post-copy: in missing mode the destination drops its stale copies
-        // before resuming; in minor mode it resumes at once and asks.
-        self.report.postcopy_pages = stale.iter().map(|s| s.total()).sum();
+        // before resuming; in minor mode it resumes at once and asks. Word
+        // operations on bitmaps: this runs while the guest is paused.
+        let post = Arc::new(Post::new(
+            self.current.iter().map(PageBitmap::inverted).collect(),
+        ));
+        self.report.postcopy_pages = post.stale_count();
         if self.mode == DestMode::Missing {
-            let discard: Vec<RangeSet> = stale
+            // Only pages that were ever sent have a copy there to drop.
+            let discard: Vec<RangeSet> = post
+                .stale
                 .iter()
-                .enumerate()
-                .map(|(r, s)| {
+                .zip(&self.ever_sent)
+                .map(|(s, e)| {
                     let mut d = RangeSet::new();
-                    for (a, b) in s.iter() {
-                        let mut p = a as usize;
-                        while let Some(q) = self.ever_sent[r].next_set(p) {
-                            if q >= b as usize {
-                                break;
-                            }
-                            let e = self.ever_sent[r]
-                                .next_clear(q)
-                                .unwrap_or(b as usize)
-                                .min(b as usize);
-                            d.insert(q as u64, e as u64);
-                            p = e;
-                        }
+                    for (a, b) in s.and(e).runs() {
+                        d.insert(a as u64, b as u64);
                     }
                     d
                 })
@@ -597,22 +592,9 @@ impl Run {
             }
             self.report.downtime_parts.copy_ms = ms(t1.elapsed());
         }
-        let post = Arc::new(Post::new(
-            stale
-                .iter()
-                .zip(self.regions.iter())
-                .map(|(s, r)| {
-                    let b = PageBitmap::new(r.pages());
-                    for (x, y) in s.iter() {
-                        b.set_range(x as usize, y as usize);
-                    }
-                    b
-                })
-                .collect(),
-        ));
         self.phase.store(PHASE_POSTCOPY, Ordering::Relaxed);
         let sent = self.switchover(&device_state, t_paused, false)?;
-        self.wait_resident(Some((post, stale)), sent, guest)
+        self.wait_resident(Some(post), sent, guest)
     }
 
     /// Sends the device state; from here the guest may run there. False

@@ -256,11 +256,14 @@ fn push_run(
             p += 1;
             continue;
         }
+        post.pushing[region].set(p as usize);
         let mut e = p + 1;
         while e < end && todo.clear(e as usize) {
+            post.pushing[region].set(e as usize);
             e += 1;
         }
         post.pushed.fetch_add(e - p, Ordering::Relaxed);
+
         shared.send_pages(conn, scratch, region, p, (e - p) as u32, None)?;
         p = e;
     }
