@@ -126,9 +126,18 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         record_working_set: false,
         json,
     })?;
-    let _ = std::fs::remove_dir_all(&dir);
     if code != ExitCode::SUCCESS {
+        let _ = std::fs::remove_dir_all(&dir);
         return Ok(code);
+    }
+
+    section(
+        "live migration over loopback with mutual TLS 1.3: hybrid (pre-copy rounds, then post-copy in minor mode: the destination resumes before the stale set arrives)",
+    );
+    let code = migrate(&dir, json);
+    let _ = std::fs::remove_dir_all(&dir);
+    if code? != ExitCode::SUCCESS {
+        return Ok(ExitCode::FAILURE);
     }
 
     section("KVM demand paging through userfaultfd (guest faults served by livepage)");
@@ -144,6 +153,84 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", demand::render(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A short migration of the test VM to a `vm receive` child on loopback;
+/// the destination's report follows the source's.
+fn migrate(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let creds = dir.join("creds");
+    livepage_migrate::tls::generate(&creds, &[])?;
+    // A free port on loopback, then the destination listening on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut dest = Command::new(std::env::current_exe()?)
+        .args(["vm", "receive", "--memory", "shmem", "--mode", "minor"])
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--tls-creds")
+        .arg(&creds)
+        .args(if json { &["--json"][..] } else { &[][..] })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut err = BufReader::new(dest.stderr.take().expect("piped"));
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            let _ = dest.wait();
+            anyhow::bail!("the destination (vm receive) did not start");
+        }
+    }
+    // Its later progress lines are not shown; its report is.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let code = crate::vm::run::run(&RunArgs {
+        mem: 128 << 20,
+        vcpus: 2,
+        workload: WorkloadKind::Dirty,
+        seed: 5,
+        iterations: 60_000,
+        memory: MemoryArg::Shmem,
+        snapshot_at: None,
+        snapshot_out: None,
+        buffer: None,
+        snapshot_handlers: None,
+        checkpoint_every: None,
+        checkpoint_dir: None,
+        tracker: None,
+        migrate: crate::vm::migrate::MigrateArgs {
+            migrate_to: Some(addr),
+            migrate_at: Some(20_000),
+            migration: Some(crate::vm::migrate::MethodArg::Hybrid),
+            write_rate: Some(4_000),
+            link: crate::migration::LinkArgs {
+                tls_creds: Some(creds),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        json,
+    });
+    let mut report = String::new();
+    dest.stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut report)?;
+    let status = dest.wait()?;
+    if !json {
+        println!("\ndestination (vm receive):");
+    }
+    print!("{report}");
+    let code = code?;
+    if code != ExitCode::SUCCESS || !status.success() {
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

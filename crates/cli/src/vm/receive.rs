@@ -145,8 +145,8 @@ pub fn receive(args: &ReceiveArgs) -> anyhow::Result<ExitCode> {
     // page is resident.
     let c = control.clone();
     let finisher = std::thread::spawn(move || {
-        let r = rx.finish();
-        let steps = c.total();
+        let mut steps = 0;
+        let r = rx.finish_then(|| steps = c.total());
         c.set_rate(0);
         (r, steps)
     });

@@ -526,7 +526,13 @@ impl Receiving {
     /// on missing pages wait meanwhile), tells the source, and returns the
     /// report. Past the recovery timeout, pages still missing are failed
     /// closed (touching one raises SIGBUS) and the error says so.
-    pub fn finish(mut self) -> Result<DestReport, MigrateError> {
+    pub fn finish(self) -> Result<DestReport, MigrateError> {
+        self.finish_then(|| {})
+    }
+
+    /// [`Receiving::finish`], calling `on_resident` the moment every page
+    /// is resident (before the statistics are gathered and exchanged).
+    pub fn finish_then(mut self, on_resident: impl FnOnce()) -> Result<DestReport, MigrateError> {
         if !self.complete {
             if self.t_switch.is_none() {
                 return Err(MigrateError::Option("finish() before switchover()"));
@@ -561,6 +567,7 @@ impl Receiving {
                 }
             }
         }
+        on_resident();
         self.session.set_phase(Phase::Complete);
         self.progress.set_stage(Stage::Done);
         if let Some(t) = self.t_switch {
