@@ -168,8 +168,10 @@ pub struct MigrateRow {
     pub remote_faults: u64,
     pub fault_p50_ms: f64,
     pub fault_p99_ms: f64,
-    /// Guest steps during the migration ÷ undisturbed steps in that time.
-    pub guest_progress: f64,
+    /// Guest steps during the migration ÷ undisturbed steps in that time;
+    /// None where the guest reports progress too rarely for that time
+    /// (every 1024 steps: a throttled guest over a short migration).
+    pub guest_progress: Option<f64>,
     /// Touched bytes ÷ bandwidth, s.
     pub limit_s: f64,
     pub checksum_ok: bool,
@@ -560,11 +562,8 @@ fn row(
         remote_faults: d["remote_faults"].as_u64().unwrap_or(0),
         fault_p50_ms: f(&d["fault_p50_us"]) / 1e3,
         fault_p99_ms: f(&d["fault_p99_us"]) / 1e3,
-        guest_progress: if total_s > 0.0 {
-            (src_steps + dst_steps) / (speed * total_s)
-        } else {
-            0.0
-        },
+        guest_progress: (total_s > 0.0 && speed * total_s >= 10.0 * 1024.0 * f64::from(VCPUS))
+            .then(|| (src_steps + dst_steps) / (speed * total_s)),
         limit_s: plan.touched as f64 / link.bytes_per_sec(),
         checksum_ok: dj["matches_reference"].as_bool().unwrap_or(false)
             || sj["matches_reference"].as_bool().unwrap_or(false),
@@ -623,7 +622,8 @@ pub fn render(b: &MigrateBench) -> String {
             r.remote_faults.to_string(),
             format!("{:.2}", r.fault_p50_ms),
             format!("{:.2}", r.fault_p99_ms),
-            format!("{:.0}%", r.guest_progress * 100.0),
+            r.guest_progress
+                .map_or("-".into(), |p| format!("{:.0}%", p * 100.0)),
             if r.checksum_ok {
                 "match".into()
             } else {
