@@ -209,11 +209,12 @@ pub fn source_rows(t: &mut Table, r: &SourceReport) {
         t.row([
             "post-copy".into(),
             format!(
-                "{} pages: {} pushed, {} on demand ({} requests); {:.3} bytes per page byte",
+                "{} pages: {} pushed, {} on demand ({} requests), {} sent again when asked again; {:.3} bytes per page byte",
                 r.postcopy_pages,
                 r.pushed_pages,
                 r.demanded_pages,
                 r.requests,
+                r.asked_again_pages,
                 r.postcopy_bytes_per_page_bytes
             ),
         ]);

@@ -118,7 +118,7 @@ pub struct SourceReport {
     pub requests: u64,
     /// Pages sent twice because the destination asked for them again (it
     /// gave up a copy, or one promised on a bulk connection had not come
-    /// within a second).
+    /// within 250 ms).
     pub asked_again_pages: u64,
     /// Times the link was lost and came back.
     pub recoveries: u64,
@@ -179,6 +179,9 @@ pub struct DestReport {
     pub pushed_pages: u64,
     /// Pages answered "current" (minor mode: the pre-copied copy was kept).
     pub kept_current: u64,
+    /// Reads that asked again (AGAIN) for pages promised on a bulk
+    /// connection that had not come within 250 ms.
+    pub asked_again: u64,
     /// Times the link was lost and came back.
     pub recoveries: u64,
     /// The source's report, as it sent it.

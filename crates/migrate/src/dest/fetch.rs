@@ -60,6 +60,8 @@ pub(crate) struct Fetcher {
     cv: Condvar,
     link: RwLock<Option<Arc<Link>>>,
     pub(crate) kept_current: AtomicU64,
+    /// Reads that asked again for pages promised and not come.
+    pub(crate) asked_again: AtomicU64,
 }
 
 impl Fetcher {
@@ -78,6 +80,7 @@ impl Fetcher {
             cv: Condvar::new(),
             link: RwLock::new(None),
             kept_current: AtomicU64::new(0),
+            asked_again: AtomicU64::new(0),
         }
     }
 
@@ -252,8 +255,6 @@ impl PageSource for Fetcher {
         };
         Self::ask(&link, id, region, &runs, flags);
         let mut s = self.state.lock().map_err(|_| self.gone("state poisoned"))?;
-        let t0 = std::time::Instant::now();
-        let mut warned = false;
         loop {
             let Some(p) = s.pending.get_mut(&id) else {
                 return Err(self.gone("the request was dropped"));
@@ -277,21 +278,8 @@ impl PageSource for Fetcher {
             if p.promised.is_some_and(|t| t.elapsed() > AGAIN_AFTER) {
                 p.promised = None;
                 let missing = missing_runs(first, &p.filled);
+                self.asked_again.fetch_add(1, Ordering::Relaxed);
                 Self::ask(&link, id, region, &missing, request::AGAIN);
-            }
-            if !warned && t0.elapsed() > std::time::Duration::from_secs(2) {
-                warned = true;
-                let missing: Vec<u64> = (0..n as u64)
-                    .filter(|i| !p.filled[*i as usize])
-                    .map(|i| first + i)
-                    .take(8)
-                    .collect();
-                eprintln!(
-                    "warning: a remote fault has waited {:?} for region {region} pages {missing:?} (request {id}; {} requests pending, {} pushed pages held)",
-                    t0.elapsed(),
-                    s.pending.len(),
-                    s.orphans.len()
-                );
             }
             let (g, _) = self
                 .cv
@@ -308,7 +296,7 @@ impl PageSource for Fetcher {
 
 /// How long a read waits for pages promised on a bulk connection before it
 /// asks for them again.
-const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The runs of pages not filled yet, as (first page, count).
 fn missing_runs(first: u64, filled: &[bool]) -> Vec<(u64, u32)> {

@@ -638,6 +638,7 @@ impl Receiving {
         self.report.precopy_pages = s.precopy_pages.load(Ordering::Relaxed);
         self.report.pushed_pages = s.pushed_pages.load(Ordering::Relaxed);
         self.report.kept_current = s.fetcher.kept_current.load(Ordering::Relaxed);
+        self.report.asked_again = s.fetcher.asked_again.load(Ordering::Relaxed);
     }
 }
 

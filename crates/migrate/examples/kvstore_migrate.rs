@@ -12,7 +12,7 @@
 //! the log right after it resumes (slots not there yet are fetched on first
 //! touch), then goes on writing.
 //!
-//! Run (as root): `cargo run --release -p livepage-migrate --example kvstore`
+//! Run (as root): `cargo run --release -p livepage-migrate --example kvstore_migrate`
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,10 +198,12 @@ fn destination(listen: SocketAddr) -> Result<(), Error> {
     store.pause();
     let (after, bad_after) = store.check()?;
     println!(
-        "destination: {checked} keys checked against the source's log in {:.1} ms while post-copy ran ({} remote faults, p99 {:.0} us): {}; {} more puts here, all {after} keys still match: {}",
+        "destination: {checked} keys checked against the source's log in {:.1} ms while post-copy ran ({} remote faults, p99 {:.0} us, max {:.0} us, {} asked again): {}; {} more puts here, all {after} keys still match: {}",
         checked_in.as_secs_f64() * 1e3,
         report.remote_faults,
         report.fault_p99_us,
+        report.fault_max_us,
+        report.asked_again,
         bad.map_or("all match".to_string(), |k| format!("key {k} DIFFERS")),
         store.next.load(Ordering::SeqCst) - next,
         bad_after.is_none()
