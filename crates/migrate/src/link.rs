@@ -75,6 +75,11 @@ impl Rtt {
     }
 
     pub(crate) fn median_ms(&self) -> f64 {
+        self.quantile_ms(0.5)
+    }
+
+    /// The `q` quantile of the round trips seen, in ms (0 without samples).
+    pub(crate) fn quantile_ms(&self, q: f64) -> f64 {
         let Ok(mut v) = self.0.lock() else {
             return 0.0;
         };
@@ -82,7 +87,8 @@ impl Rtt {
             return 0.0;
         }
         v.sort_unstable();
-        v[v.len() / 2] as f64 / 1e3
+        let i = ((v.len() as f64 * q) as usize).min(v.len() - 1);
+        v[i] as f64 / 1e3
     }
 }
 

@@ -136,6 +136,9 @@ pub struct SourceReport {
     pub compression_ratio: f64,
     /// Link round trip measured by heartbeats, in ms (median).
     pub rtt_ms: f64,
+    /// Its 99th percentile, in ms: what the path itself adds to a remote
+    /// fault's tail.
+    pub rtt_p99_ms: f64,
     /// Measured bandwidth, bytes per second.
     pub bandwidth: f64,
     /// The destination's report, as it sent it with "resident".

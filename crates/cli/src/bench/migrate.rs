@@ -168,6 +168,8 @@ pub struct MigrateRow {
     pub remote_faults: u64,
     pub fault_p50_ms: f64,
     pub fault_p99_ms: f64,
+    /// Heartbeat round trips' p99 over the same link, ms.
+    pub rtt_p99_ms: f64,
     /// Guest steps during the migration ÷ undisturbed steps in that time;
     /// None where the guest reports progress too rarely for that time
     /// (every 1024 steps: a throttled guest over a short migration).
@@ -562,6 +564,7 @@ fn row(
         remote_faults: d["remote_faults"].as_u64().unwrap_or(0),
         fault_p50_ms: f(&d["fault_p50_us"]) / 1e3,
         fault_p99_ms: f(&d["fault_p99_us"]) / 1e3,
+        rtt_p99_ms: f(&r["rtt_p99_ms"]),
         guest_progress: (total_s > 0.0 && speed * total_s >= 10.0 * 1024.0 * f64::from(VCPUS))
             .then(|| (src_steps + dst_steps) / (speed * total_s)),
         limit_s: plan.touched as f64 / link.bytes_per_sec(),
@@ -591,6 +594,7 @@ pub fn render(b: &MigrateBench) -> String {
         "remote faults",
         "fault p50 ms",
         "fault p99 ms",
+        "heartbeat RTT p99 ms",
         "guest progress",
         "checksum",
     ]);
@@ -622,6 +626,7 @@ pub fn render(b: &MigrateBench) -> String {
             r.remote_faults.to_string(),
             format!("{:.2}", r.fault_p50_ms),
             format!("{:.2}", r.fault_p99_ms),
+            format!("{:.2}", r.rtt_p99_ms),
             r.guest_progress
                 .map_or("-".into(), |p| format!("{:.0}%", p * 100.0)),
             if r.checksum_ok {

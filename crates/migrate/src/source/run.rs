@@ -667,6 +667,7 @@ impl Run {
         r.zero_pages = get(&b.zero_pages);
         r.compression_ratio = get(&b.compressed) as f64 / get(&b.raw).max(1) as f64;
         r.rtt_ms = self.rtt.median_ms();
+        r.rtt_p99_ms = self.rtt.quantile_ms(0.99);
         r.bandwidth = self.shared.policy.link().unwrap_or(0.0);
         let ps_bytes: u64 = self.regions.first().map_or(4096, |x| x.page_size() as u64);
         r.postcopy_bytes_per_page_bytes =
