@@ -218,12 +218,26 @@ fn migrate(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         },
         json,
     });
-    let mut report = String::new();
-    dest.stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut report)?;
-    let status = dest.wait()?;
+    // A source that failed before connecting leaves the destination
+    // waiting for one: it gets a minute to finish, then is stopped.
+    let mut out = dest.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut report = String::new();
+        let _ = out.read_to_string(&mut report);
+        report
+    });
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = dest.try_wait()? {
+            break st;
+        }
+        if code.is_err() || t0.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = dest.kill();
+            break dest.wait()?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let report = reader.join().unwrap_or_default();
     if !json {
         println!("\ndestination (vm receive):");
     }

@@ -279,6 +279,10 @@ fn main() -> Result<(), Error> {
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
     let src = lab.in_ns(&lab.a.clone(), move || source(listen))?;
     let res = src.join().map_err(|_| "the source thread panicked")?;
+    if res.is_err() {
+        // It may never have connected: the destination would wait forever.
+        let _ = dest.kill();
+    }
     let status = dest.wait()?;
     res?;
     if !status.success() {

@@ -26,6 +26,39 @@ struct State {
     last_progress: Instant,
 }
 
+impl State {
+    /// Records that `total` bytes were applied at `now`, and the fastest
+    /// delivery over samples at least 100 ms apart within the last second.
+    fn sample(&mut self, now: Instant, total: u64) {
+        self.samples.push_back((now, total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+        {
+            self.samples.pop_front();
+        }
+        let mut best = self.rate.unwrap_or(0.0) * 0.98;
+        let v = self.samples.make_contiguous();
+        let mut j = 0;
+        for i in 0..v.len() {
+            while j < i && v[i].0.duration_since(v[j].0) > Duration::from_millis(100) {
+                j += 1;
+            }
+            if j > 0 {
+                let (t0, b0) = v[j - 1];
+                let dt = v[i].0.duration_since(t0).as_secs_f64();
+                if dt > 0.0 {
+                    best = best.max((v[i].1 - b0) as f64 / dt);
+                }
+            }
+        }
+        if best > 0.0 {
+            self.rate = Some(best);
+        }
+    }
+}
+
 /// Pushed bytes in flight, bounded.
 #[derive(Debug)]
 pub(crate) struct Window {
@@ -83,42 +116,13 @@ impl Window {
             let now = Instant::now();
             s.last_progress = now;
             // One sample per 5 ms is plenty for rates over 100 ms steps
-            // (and keeps this loop short at thousands of acks a second).
+            // (and keeps the rate's loop short at thousands of acks a second).
             let fresh = s
                 .samples
                 .back()
                 .is_some_and(|(t, _)| now.duration_since(*t) < Duration::from_millis(5));
-            if fresh {
-                drop(s);
-                self.cv.notify_all();
-                return;
-            }
-            s.samples.push_back((now, total));
-            while s
-                .samples
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
-            {
-                s.samples.pop_front();
-            }
-            // Delivery over the samples at least 100 ms apart.
-            let mut best = s.rate.unwrap_or(0.0) * 0.98;
-            let v: Vec<_> = s.samples.iter().copied().collect();
-            let mut j = 0;
-            for i in 0..v.len() {
-                while j < i && v[i].0.duration_since(v[j].0) > Duration::from_millis(100) {
-                    j += 1;
-                }
-                if j > 0 {
-                    let (t0, b0) = v[j - 1];
-                    let dt = v[i].0.duration_since(t0).as_secs_f64();
-                    if dt > 0.0 {
-                        best = best.max((v[i].1 - b0) as f64 / dt);
-                    }
-                }
-            }
-            if best > 0.0 {
-                s.rate = Some(best);
+            if !fresh {
+                s.sample(now, total);
             }
         }
         self.cv.notify_all();

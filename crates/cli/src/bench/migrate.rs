@@ -227,22 +227,33 @@ fn run_json(
         name.to_string(),
         None,
     );
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            bail!("{name} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_for(&mut child, limit)? else {
+        bail!("{name} did not finish within {limit:?}");
     };
     let text = reader.join().unwrap_or_default();
     Ok((
         status.code().unwrap_or(-1),
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
     ))
+}
+
+/// Waits for `child` to exit; kills it and returns None after `limit`.
+fn wait_for(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Copies a child's stderr lines to ours (prefixed) as they come, and to
@@ -359,17 +370,9 @@ fn migrate_once(
         s.arg("--write-rate").arg(rate_per_vcpu.to_string());
     }
     let (sc, sj) = run_json(s, "the source", Duration::from_secs(600))?;
-    let t0 = Instant::now();
-    let dc = loop {
-        if let Some(st) = dest.try_wait()? {
-            break st.code().unwrap_or(-1);
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            let _ = dest.kill();
-            break -1;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let dc = wait_for(&mut dest, Duration::from_secs(600))?
+        .and_then(|st| st.code())
+        .unwrap_or(-1);
     let dj = serde_json::from_str(&dest_reader.join().unwrap_or_default())
         .unwrap_or(serde_json::Value::Null);
     Ok((sj, sc, dj, dc))
