@@ -87,10 +87,34 @@ impl PageBitmap {
         self.words[page / 64].fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
-    /// Sets every page in `[start, end)` (clamped to the bitmap).
+    /// Sets every page in `[start, end)` (clamped to the bitmap), a word at a time.
     pub fn set_range(&self, start: usize, end: usize) {
-        for p in start..end.min(self.pages) {
-            self.set(p);
+        self.update_range(start, end, true);
+    }
+
+    /// Clears every page in `[start, end)` (clamped to the bitmap), a word at a time.
+    pub fn clear_range(&self, start: usize, end: usize) {
+        self.update_range(start, end, false);
+    }
+
+    fn update_range(&self, start: usize, end: usize, set: bool) {
+        let end = end.min(self.pages);
+        let mut p = start;
+        while p < end {
+            let lo = p % 64;
+            let n = (64 - lo).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << lo
+            };
+            let w = &self.words[p / 64];
+            if set {
+                w.fetch_or(mask, Ordering::AcqRel);
+            } else {
+                w.fetch_and(!mask, Ordering::AcqRel);
+            }
+            p += n;
         }
     }
 
@@ -201,7 +225,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
-        fn matches_vec_bool_oracle(pages in 0usize..300, ops in proptest::collection::vec((any::<bool>(), 0usize..320), 0..200)) {
+        fn matches_vec_bool_oracle(pages in 0usize..300, ops in proptest::collection::vec((any::<bool>(), 0usize..320), 0..200),
+                ranges in proptest::collection::vec((any::<bool>(), 0usize..320, 0usize..200), 0..8)) {
             let b = PageBitmap::new(pages);
             let mut oracle = vec![false; pages];
             for (set, p) in ops {
@@ -211,6 +236,12 @@ mod tests {
                     oracle[p] = set;
                 } else {
                     prop_assert!(!changed);
+                }
+            }
+            for (set, a, n) in ranges {
+                if set { b.set_range(a, a + n) } else { b.clear_range(a, a + n) }
+                for o in oracle.iter_mut().take((a + n).min(pages)).skip(a) {
+                    *o = set;
                 }
             }
             prop_assert_eq!(b.count(), oracle.iter().filter(|x| **x).count());

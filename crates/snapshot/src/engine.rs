@@ -48,6 +48,15 @@ pub(crate) struct Engine {
     pub(crate) hold_writer: AtomicBool,
     /// The writer is parked at a chunk boundary or past all region memory.
     pub(crate) writer_parked: AtomicBool,
+    /// Saved pages keep their protection (it belongs to a tracker too).
+    pub(crate) keep_protection: bool,
+    /// Pages outside a delta's scope (marked claimed and done at arming).
+    pub(crate) outside: AtomicU64,
+    /// The writer has returned (the image is complete, or the snapshot failed).
+    pub(crate) writer_done: AtomicBool,
+    /// Ranges discarded while the snapshot ran (for a tracker taking its
+    /// protection back: their contents changed without a write).
+    pub(crate) discarded: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Engine {
@@ -80,6 +89,33 @@ impl Engine {
 
     pub(crate) fn aborted(&self) -> bool {
         self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Pages the snapshot saves.
+    pub(crate) fn scope_pages(&self) -> u64 {
+        self.regions.total() - self.outside.load(Ordering::Relaxed)
+    }
+
+    /// Ends the registration of every region but leaves the uffd-wp bits for
+    /// the tracker that registers next (see `Protection::HandedOver`). The
+    /// workload must be paused. Once; false if already released.
+    pub(crate) fn hand_back(&self) -> Result<bool, SnapshotError> {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        for t in &self.regions {
+            if let Err(e) = self
+                .uffd()
+                .unregister_keeping_protection(t.region.addr(), t.region.len())
+            {
+                // Lift what is left the ordinary way: nobody may stay blocked.
+                self.released.store(false, Ordering::SeqCst);
+                self.release();
+                return Err(e.into());
+            }
+        }
+        let _ = self.canary.unregister(self.uffd());
+        Ok(true)
     }
 
     /// Unregisters every region (clearing all protection and waking waiters). Once.

@@ -44,6 +44,9 @@ impl Policy for Engine {
     fn event(&self, _fd: usize, event: Event) {
         let res = match event {
             Event::Remove { start, end } => {
+                if let Ok(mut d) = self.discarded.lock() {
+                    d.push((start, end));
+                }
                 let r = self.late_remove(start, end);
                 // The discard is read: the writer may read region memory again.
                 if r.is_ok() {

@@ -41,11 +41,46 @@ mod writer;
 use std::time::Duration;
 
 use livepage_image::{ImageError, ImageId};
-use livepage_mem::RegionError;
+use livepage_mem::{RangeSet, RegionError};
 use livepage_uffd::{CreateError, Features, RangeError};
 use serde::Serialize;
 
-pub use snapshot::{Prepared, Snapshot, prepare, required_features, start};
+pub use snapshot::{Held, Prepared, Snapshot, Watch, prepare, required_features, start};
+
+/// How the pages a snapshot saves are write-protected at its instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protection {
+    /// [`Prepared::arm`] registers and write-protects what the snapshot saves
+    /// (the whole regions; or a delta's pages, or the whole regions when they
+    /// are many runs). Saved pages are un-protected as they go; completion
+    /// lifts the rest.
+    #[default]
+    Arm,
+    /// A dirty tracker handed its write-protection over (see
+    /// `livepage_uffd::Uffd::unregister_keeping_protection`): every page it
+    /// tracks is protected already, so arming only registers the regions
+    /// (microseconds), plus one protection walk when `protect_all` (a base
+    /// image, whose never-touched pages carry no tracker bit). Saved pages
+    /// stay protected, so each first write after the instant still faults,
+    /// and [`Snapshot::wait_held`] keeps the protection for
+    /// [`Held::hand_back`], which gives it back to the tracker.
+    HandedOver {
+        /// Also protect every page at arming.
+        protect_all: bool,
+    },
+}
+
+/// What a delta saves: per region, byte ranges relative to the region start
+/// (page aligned), and those of them known to be zeros at the instant (a
+/// discard since the previous collect), stored as holes without reading.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// The pages to save, per region.
+    pub pages: Vec<RangeSet>,
+    /// Pages among them that are zeros at the instant, per region (may be empty).
+    pub zeros: Vec<RangeSet>,
+}
 
 /// Options of a snapshot. Start from [`SnapshotOptions::default`] and set
 /// what differs; new options will come.
@@ -64,6 +99,10 @@ pub struct SnapshotOptions {
     /// Threads that write-protect pieces of the regions at the instant
     /// (0: one per online CPU).
     pub arm_threads: usize,
+    /// The image this one is a delta of (with [`Prepared::arm_scope`]).
+    pub parent: Option<ImageId>,
+    /// How pages are protected at the instant.
+    pub protection: Protection,
 }
 
 impl SnapshotOptions {
@@ -92,6 +131,16 @@ impl SnapshotOptions {
         self.arm_threads = n;
         self
     }
+    /// Makes the image a delta of `parent`.
+    pub fn parent(mut self, parent: Option<ImageId>) -> Self {
+        self.parent = parent;
+        self
+    }
+    /// Sets how pages are protected at the instant.
+    pub fn protection(mut self, p: Protection) -> Self {
+        self.protection = p;
+        self
+    }
 }
 
 impl Default for SnapshotOptions {
@@ -102,6 +151,8 @@ impl Default for SnapshotOptions {
             chunk_pages: 256,
             vm_state: None,
             arm_threads: 0,
+            parent: None,
+            protection: Protection::Arm,
         }
     }
 }
@@ -152,6 +203,14 @@ pub enum SnapshotError {
     /// Resolving a fault failed.
     #[error("resolving a write-protect fault failed")]
     Fault(#[from] livepage_runtime::ResolveError),
+    /// A scope names a different number of regions than the snapshot has.
+    #[error("the delta's scope covers {got} regions, the snapshot has {expected}")]
+    ScopeMismatch {
+        /// Regions of the snapshot.
+        expected: usize,
+        /// Regions in the scope.
+        got: usize,
+    },
 }
 
 /// Final statistics.
@@ -160,7 +219,7 @@ pub struct SnapshotStats {
     /// The image's content hash.
     #[serde(serialize_with = "ser_id")]
     pub image_id: ImageId,
-    /// Pages in all regions.
+    /// Pages the image stores: every page of the regions, or a delta's pages.
     pub pages: u64,
     /// Pages stored with data.
     pub data_pages: u64,
@@ -203,7 +262,7 @@ fn ser_id<S: serde::Serializer>(id: &ImageId, s: S) -> Result<S::Ok, S::Error> {
 /// A snapshot's progress.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Progress {
-    /// Pages in all regions.
+    /// Pages to save (all pages, or a delta's).
     pub pages: u64,
     /// Pages saved (to the image or the buffer).
     pub saved: u64,

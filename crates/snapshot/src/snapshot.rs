@@ -7,13 +7,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livepage_image::{ImageId, ImageWriter, RegionDesc};
-use livepage_mem::{MemoryKind, PageBitmap, Region, RegionTable};
+use livepage_mem::{MemoryKind, PageBitmap, RangeSet, Region, RegionTable};
 use livepage_runtime::{Runtime, RuntimeOptions};
 use livepage_uffd::{Features, RangeError, RegisterMode, Resolved, UffdBuilder};
 
 use crate::buffer::CowBuffer;
 use crate::engine::{Counters, Engine};
-use crate::{Progress, SnapshotError, SnapshotOptions, SnapshotStats};
+use crate::{Progress, Protection, Scope, SnapshotError, SnapshotOptions, SnapshotStats};
 
 /// A running snapshot. Dropping it without [`Snapshot::wait`] cancels it.
 pub struct Snapshot {
@@ -63,7 +63,12 @@ pub struct Prepared {
     shared: Arc<Engine>,
     rt: Option<Runtime<Engine>>,
     arm_threads: usize,
+    protection: Protection,
 }
+
+/// Runs of more than this many ranges are protected with one walk of the
+/// whole regions instead of one ioctl each.
+const MAX_RANGE_IOCTLS: usize = 256;
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,7 +88,7 @@ pub fn prepare(
         return Err(SnapshotError::NoRegions);
     }
     let descs: Vec<RegionDesc> = regions.iter().map(|r| RegionDesc::of(r)).collect();
-    let image = ImageWriter::create(output, &descs, None)?;
+    let image = ImageWriter::create(output, &descs, opts.parent)?;
     if let Some(v) = &opts.vm_state {
         image.set_vm_state(v.clone());
     }
@@ -104,8 +109,10 @@ pub fn prepare(
     let slot_size = table.max_page_size();
     let buffer = CowBuffer::new(opts.buffer_bytes, slot_size);
     // Registering changes nothing for the workload until pages are protected.
+    // Regions a tracker still holds are registered at arming, once handed over.
+    let handed_over = matches!(opts.protection, Protection::HandedOver { .. });
     let mut registered: Vec<&Arc<Region>> = Vec::new();
-    for r in &regions {
+    for r in regions.iter().filter(|_| !handed_over) {
         if let Err(e) = r.register(&uffd, RegisterMode::WP) {
             for done in registered {
                 let _ = done.unregister(&uffd);
@@ -132,6 +139,10 @@ pub fn prepare(
         chunk_pages: opts.chunk_pages.max(1),
         hold_writer: AtomicBool::new(false),
         writer_parked: AtomicBool::new(false),
+        keep_protection: handed_over,
+        outside: AtomicU64::new(0),
+        writer_done: AtomicBool::new(false),
+        discarded: Mutex::new(Vec::new()),
     });
     let rt = match Runtime::start(
         shared.clone(),
@@ -147,22 +158,98 @@ pub fn prepare(
         shared,
         rt: Some(rt),
         arm_threads: opts.arm_threads,
+        protection: opts.protection,
     })
 }
 
 impl Prepared {
     /// The instant: write-protects every region and starts the writer.
-    pub fn arm(mut self) -> Result<Snapshot, SnapshotError> {
-        let t0 = Instant::now();
-        // Write-protect in parallel pieces: the kernel walks page tables under
-        // the mmap read lock, so the pieces proceed side by side.
-        let cpus = if self.arm_threads == 0 {
-            livepage_uffd::mm::online_cpus().max(1)
-        } else {
-            self.arm_threads
-        };
+    pub fn arm(self) -> Result<Snapshot, SnapshotError> {
+        self.arm_inner(None)
+    }
+
+    /// The instant of a delta: saves only `scope`'s pages (the image names
+    /// [`SnapshotOptions::parent`]); every other page is left to the parent.
+    /// With [`Protection::Arm`] only the scope is protected (or everything,
+    /// when it is many runs); with [`Protection::HandedOver`] the tracker's
+    /// protection is taken over as it is.
+    pub fn arm_scope(self, scope: &Scope) -> Result<Snapshot, SnapshotError> {
+        self.arm_inner(Some(scope))
+    }
+
+    /// Marks every page outside `scope` saved, and its zero pages stored.
+    fn apply_scope(&self, scope: &Scope) -> Result<(), SnapshotError> {
+        let sh = &self.shared;
+        let n = sh.regions.iter().count();
+        if scope.pages.len() != n || !(scope.zeros.is_empty() || scope.zeros.len() == n) {
+            return Err(SnapshotError::ScopeMismatch {
+                expected: n,
+                got: scope.pages.len(),
+            });
+        }
+        let total = sh.regions.total() as usize;
+        sh.claimed.set_range(0, total);
+        sh.done.set_range(0, total);
+        let mut inside = 0u64;
+        for (t, ranges) in sh.regions.iter().zip(&scope.pages) {
+            let ps = t.page_size as u64;
+            for (s, e) in ranges.iter() {
+                let (a, b) = (s / ps, e.div_ceil(ps).min(t.pages));
+                if a >= b {
+                    continue;
+                }
+                sh.claimed
+                    .clear_range((t.first + a) as usize, (t.first + b) as usize);
+                sh.done
+                    .clear_range((t.first + a) as usize, (t.first + b) as usize);
+                inside += b - a;
+            }
+        }
+        sh.outside
+            .store(sh.regions.total() - inside, Ordering::Relaxed);
+        sh.done_count
+            .store(sh.regions.total() - inside, Ordering::Relaxed);
+        for (t, zeros) in sh.regions.iter().zip(&scope.zeros) {
+            let ps = t.page_size as u64;
+            for (s, e) in zeros.iter() {
+                for p in s / ps..e.div_ceil(ps).min(t.pages) {
+                    let g = t.first + p;
+                    if sh.claimed.set(g as usize) {
+                        sh.image.mark_zero(g);
+                        sh.counters.zero.fetch_add(1, Ordering::Relaxed);
+                        sh.mark_done(g);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pieces to write-protect at the instant: whole regions split for
+    /// parallel walks, or a delta's runs when they are few.
+    fn pieces(&self, scope: Option<&Scope>, cpus: usize) -> Vec<(usize, usize)> {
+        let sh = &self.shared;
+        match (self.protection, scope) {
+            (Protection::HandedOver { protect_all: false }, _) => return Vec::new(),
+            (Protection::Arm, Some(sc)) => {
+                let runs: usize = sc.pages.iter().map(RangeSet::len).sum();
+                if runs <= MAX_RANGE_IOCTLS {
+                    let mut out = Vec::with_capacity(runs);
+                    for (t, ranges) in sh.regions.iter().zip(&sc.pages) {
+                        for (s, e) in ranges.iter() {
+                            let e = e.min(t.region.len() as u64);
+                            if s < e {
+                                out.push((t.region.addr() + s as usize, (e - s) as usize));
+                            }
+                        }
+                    }
+                    return out;
+                }
+            }
+            _ => {}
+        }
         let mut pieces = Vec::new();
-        for t in &self.shared.regions {
+        for t in &sh.regions {
             let align = t.page_size.max(2 << 20);
             let step = (t.region.len() / cpus).next_multiple_of(align).max(align);
             let mut off = 0;
@@ -172,10 +259,41 @@ impl Prepared {
                 off += len;
             }
         }
+        pieces
+    }
+
+    fn arm_inner(mut self, scope: Option<&Scope>) -> Result<Snapshot, SnapshotError> {
+        let t0 = Instant::now();
+        if let Some(sc) = scope {
+            if let Err(e) = self.apply_scope(sc) {
+                self.shared.fail(SnapshotError::Cancelled);
+                return Err(e);
+            }
+        }
+        if matches!(self.protection, Protection::HandedOver { .. }) {
+            // The tracker has let go of the regions: take them with its bits.
+            for t in &self.shared.regions {
+                if let Err(e) = t.region.register(self.shared.uffd(), RegisterMode::WP) {
+                    self.shared.fail(e.into());
+                    return Err(self.shared.take_error().unwrap_or(SnapshotError::Cancelled));
+                }
+            }
+        }
+        // Write-protect in parallel pieces: the kernel walks page tables under
+        // the mmap read lock, so the pieces proceed side by side.
+        let cpus = if self.arm_threads == 0 {
+            livepage_uffd::mm::online_cpus().max(1)
+        } else {
+            self.arm_threads
+        };
+        let pieces = self.pieces(scope, cpus);
         let uffd = self.shared.uffd();
         let results: Vec<Result<Resolved, RangeError>> = std::thread::scope(|s| {
-            if pieces.len() == 1 {
-                return vec![uffd.write_protect(pieces[0].0, pieces[0].1, true, false)];
+            if pieces.len() <= 1 || pieces.len() > cpus * 4 {
+                return pieces
+                    .iter()
+                    .map(|&(a, l)| uffd.write_protect(a, l, true, false))
+                    .collect();
             }
             let handles: Vec<_> = pieces
                 .iter()
@@ -231,9 +349,10 @@ impl Snapshot {
     /// Current progress.
     pub fn progress(&self) -> Progress {
         let c = &self.shared.counters;
+        let outside = self.shared.outside.load(Ordering::Relaxed);
         Progress {
-            pages: self.shared.regions.total(),
-            saved: self.shared.done_count.load(Ordering::Relaxed),
+            pages: self.shared.scope_pages(),
+            saved: self.shared.done_count.load(Ordering::Relaxed) - outside,
             buffered_bytes: (self.shared.buffer.in_use() * self.shared.buffer.slot_size()) as u64,
             faults: c.faults.load(Ordering::Relaxed),
         }
@@ -244,33 +363,51 @@ impl Snapshot {
         self.arm
     }
 
+    /// A handle another thread can ask whether the image is written.
+    pub fn watch(&self) -> Watch {
+        Watch {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Aborts the snapshot: protection is lifted and no image is written.
     pub fn cancel(&self) {
         self.shared.fail(SnapshotError::Cancelled);
     }
 
-    /// Waits for the image to be complete and returns the statistics.
-    pub fn wait(mut self) -> Result<SnapshotStats, SnapshotError> {
+    /// Waits for the image to be complete and returns the statistics. All
+    /// protection is lifted (with [`Protection::HandedOver`] too: the
+    /// tracker then finds every page written; see [`Snapshot::wait_held`]).
+    pub fn wait(self) -> Result<SnapshotStats, SnapshotError> {
+        let (stats, held) = self.wait_held()?;
+        drop(held);
+        Ok(stats)
+    }
+
+    /// Waits for the image to be complete, keeping the protection and the
+    /// fault handlers: a write still faults once per page, so the
+    /// [`Held`] protection can go back to the tracker it came from.
+    pub fn wait_held(mut self) -> Result<(SnapshotStats, Held), SnapshotError> {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        // Lifts all protection (wakes anything still blocked) before the handlers stop.
-        self.shared.release();
-        if let Some(mut rt) = self.rt.take() {
-            let _ = rt.stop();
-        }
         let duration = self.started.elapsed();
+        let held = Held {
+            shared: self.shared.clone(),
+            rt: self.rt.take(),
+        };
         if let Some(e) = self.shared.take_error() {
+            drop(held);
             return Err(e);
         }
         let shared = &self.shared;
         let c = &shared.counters;
         let zero = c.zero.load(Ordering::Relaxed);
-        let bytes_written = shared.image.bytes_written();
+        let pages = shared.scope_pages();
         let stats = SnapshotStats {
             image_id: ImageId::default(),
-            pages: shared.regions.total(),
-            data_pages: shared.regions.total() - zero,
+            pages,
+            data_pages: pages - zero,
             zero_pages: zero,
             by_writer: c.by_writer.load(Ordering::Relaxed),
             by_fault_buffered: c.by_fault_buffered.load(Ordering::Relaxed),
@@ -279,16 +416,101 @@ impl Snapshot {
             remove_saves: c.remove_saves.load(Ordering::Relaxed),
             late_remove_saves: c.late_remove_saves.load(Ordering::Relaxed),
             faults: c.faults.load(Ordering::Relaxed),
-            bytes_written,
+            bytes_written: shared.image.bytes_written(),
             peak_buffer_bytes: (shared.buffer.peak() * shared.buffer.slot_size()) as u64,
             arm: self.arm,
             duration,
         };
-        let id = shared.image.finish()?;
-        Ok(SnapshotStats {
-            image_id: id,
-            ..stats
-        })
+        let id = match shared.image.finish() {
+            Ok(id) => id,
+            Err(e) => {
+                drop(held);
+                return Err(e.into());
+            }
+        };
+        Ok((
+            SnapshotStats {
+                image_id: id,
+                ..stats
+            },
+            held,
+        ))
+    }
+}
+
+/// Tells whether a snapshot's writer is done (see [`Snapshot::watch`]).
+#[derive(Clone)]
+pub struct Watch {
+    shared: Arc<Engine>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("written", &self.is_written())
+            .finish()
+    }
+}
+
+impl Watch {
+    /// The image is complete (or the snapshot failed): [`Snapshot::wait`]
+    /// returns without waiting.
+    pub fn is_written(&self) -> bool {
+        self.shared.writer_done.load(Ordering::SeqCst) || self.shared.aborted()
+    }
+}
+
+/// A finished snapshot's write-protection, still served: each page's first
+/// write since the instant faults once and is let through. Give it back to
+/// the tracker it came from with [`Held::hand_back`]; dropping it lifts it
+/// (every page then reads as written to that tracker: safe, not cheap).
+pub struct Held {
+    shared: Arc<Engine>,
+    rt: Option<Runtime<Engine>>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("faults", &self.faults())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Held {
+    /// Ranges discarded since the instant (absolute addresses).
+    pub fn discarded(&self) -> Vec<(u64, u64)> {
+        self.shared
+            .discarded
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// Write-protect faults served since the instant.
+    pub fn faults(&self) -> u64 {
+        self.shared.counters.faults.load(Ordering::Relaxed)
+    }
+
+    /// Ends the registration and leaves the protection in the page tables
+    /// for the tracker, which registers the regions again right after. The
+    /// workload must be paused from this call until the tracker has
+    /// registered: a write in between would be seen by nobody.
+    pub fn hand_back(mut self) -> Result<(), SnapshotError> {
+        let res = self.shared.hand_back().map(|_| ());
+        if let Some(mut rt) = self.rt.take() {
+            let _ = rt.stop();
+        }
+        res
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.release();
+        if let Some(mut rt) = self.rt.take() {
+            let _ = rt.stop();
+        }
     }
 }
 

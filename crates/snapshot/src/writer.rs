@@ -29,6 +29,7 @@ impl Engine {
         if let Err(e) = self.write_all() {
             self.fail(e);
         }
+        self.writer_done.store(true, Ordering::SeqCst);
     }
 
     fn write_all(&self) -> Result<(), SnapshotError> {
@@ -46,15 +47,27 @@ impl Engine {
                     return Ok(());
                 }
                 self.drain_buffer()?;
+                // Skip what is claimed already (outside a delta, or saved by a fault).
+                match self.claimed.next_clear((t.first + p) as usize) {
+                    Some(g) if (g as u64) < t.first + t.pages => p = g as u64 - t.first,
+                    _ => break,
+                }
                 let end = (p + chunk).min(t.pages);
                 // Claim what nobody has, copy it while it is still protected, save it,
                 // then release runs of our own pages.
                 let mine: Vec<u64> = (p..end)
                     .filter(|q| self.claimed.set((t.first + q) as usize))
                     .collect();
-                if !mine.is_empty() {
-                    let (lo, hi) = (mine[0], mine[mine.len() - 1] + 1);
-                    bounce.resize((hi - lo) as usize * t.page_size, 0);
+                // Runs of our pages: each read once, saved, then released (a
+                // delta's pages can be sparse: the gaps are not read).
+                let mut i = 0;
+                while i < mine.len() {
+                    let mut j = i + 1;
+                    while j < mine.len() && mine[j] == mine[j - 1] + 1 {
+                        j += 1;
+                    }
+                    let lo = mine[i];
+                    bounce.resize((j - i) * t.page_size, 0);
                     // Holes of a memfd are zeros; reading them would allocate pages.
                     if t.region.is_hole(lo as usize * t.page_size, bounce.len()) {
                         bounce.fill(0);
@@ -62,32 +75,27 @@ impl Engine {
                         t.region
                             .read_checked(lo as usize * t.page_size, &mut bounce)?;
                     }
-                    for &q in &mine {
-                        let at = (q - lo) as usize * t.page_size;
-                        self.store(t.first + q, &bounce[at..at + t.page_size])?;
-                        self.mark_done(t.first + q);
+                    for (k, page) in bounce.chunks(t.page_size).enumerate() {
+                        self.store(t.first + lo + k as u64, page)?;
+                        self.mark_done(t.first + lo + k as u64);
                     }
                     self.counters
                         .by_writer
-                        .fetch_add(mine.len() as u64, Ordering::Relaxed);
-                    let mut i = 0;
-                    while i < mine.len() {
-                        let mut j = i + 1;
-                        while j < mine.len() && mine[j] == mine[j - 1] + 1 {
-                            j += 1;
-                        }
-                        let addr = self.regions.page_addr(r, mine[i]);
-                        let len = (j - i) * t.page_size;
-                        // A pending event makes this EAGAIN: leave those pages protected;
-                        // a later write faults and finds them done.
-                        match self.uffd().write_protect(addr, len, false, false) {
+                        .fetch_add((j - i) as u64, Ordering::Relaxed);
+                    // With protection handed over by a tracker, saved pages stay
+                    // protected: their next write is the tracker's to see.
+                    if !self.keep_protection {
+                        let addr = self.regions.page_addr(r, lo);
+                        // A pending event makes this EAGAIN: leave those pages
+                        // protected; a later write faults and finds them done.
+                        match self.uffd().write_protect(addr, bounce.len(), false, false) {
                             Ok(_) => {}
                             Err(_) if self.released.load(Ordering::SeqCst) => return Ok(()),
                             Err(RangeError::NotRegistered { .. }) => {}
                             Err(e) => return Err(e.into()),
                         }
-                        i = j;
                     }
+                    i = j;
                 }
                 p = end;
             }

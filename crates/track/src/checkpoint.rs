@@ -54,6 +54,14 @@ pub struct CheckpointStats {
     /// Time to write the image, in milliseconds.
     #[serde(rename = "duration_ms", serialize_with = "crate::ser_ms")]
     pub duration: Duration,
+    /// Write-protect faults while a live checkpoint was saved (0 when paused).
+    pub faults: u64,
+    /// Pages copied into the buffer because the workload wrote them first.
+    pub buffered_pages: u64,
+    /// Pages saved by the faulting writer itself (buffer full).
+    pub sync_saved_pages: u64,
+    /// Most buffer bytes in use at once.
+    pub peak_buffer_bytes: u64,
 }
 
 /// Writes a checkpoint of `regions` to `path`: a full image when `delta` is
@@ -122,6 +130,10 @@ pub fn write_checkpoint(
             zero_pages: zero,
             bytes,
             duration: t0.elapsed(),
+            faults: 0,
+            buffered_pages: 0,
+            sync_saved_pages: 0,
+            peak_buffer_bytes: 0,
         },
     ))
 }

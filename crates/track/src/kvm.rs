@@ -45,12 +45,19 @@ impl Tracker for KvmDirtyLog {
                 b &= b - 1;
             }
         }
-        let out = vec![DirtyRegion { ranges }];
+        let out = vec![DirtyRegion {
+            ranges,
+            ..Default::default()
+        }];
         let stats = CollectStats::tally(&out, t0.elapsed(), 1);
         Ok((out, stats))
     }
 
     fn name(&self) -> &'static str {
         "kvm-dirty-log"
+    }
+
+    fn live_support(&self) -> crate::LiveSupport {
+        crate::LiveSupport::Independent
     }
 }

@@ -30,7 +30,9 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+mod discards;
 mod kvm;
+mod live;
 mod sync;
 mod tracker;
 
@@ -42,6 +44,7 @@ use serde::Serialize;
 
 pub use checkpoint::{CheckpointStats, precopy_round, write_checkpoint};
 pub use kvm::KvmDirtyLog;
+pub use live::{LiveCheckpoints, LiveOptions, LiveReport};
 pub use tracker::{Backend, DirtyTracker, TrackOptions};
 
 /// Finds the pages written since the previous collect.
@@ -53,6 +56,45 @@ pub trait Tracker: Send {
 
     /// A short name for tables ("wp-async", "sync-wp", "kvm-dirty-log").
     fn name(&self) -> &'static str;
+
+    /// How a live checkpoint can hold the writers of the pages this tracker
+    /// harvests (see [`LiveCheckpoints`]).
+    fn live_support(&self) -> LiveSupport {
+        LiveSupport::None
+    }
+
+    /// Collects like [`Tracker::collect`], then lends the regions'
+    /// write-protection to a live checkpoint: tracking stops until
+    /// [`Tracker::take_back`]. The workload is paused across both this call
+    /// and the checkpoint's arming. Only for [`LiveSupport::HandOver`].
+    fn collect_and_lend(&mut self) -> Result<(Vec<DirtyRegion>, CollectStats), TrackError> {
+        Err(TrackError::NoLiveSupport(self.name()))
+    }
+
+    /// Registers the regions again after a live checkpoint handed the
+    /// protection back (the workload still paused), and takes the ranges
+    /// discarded meanwhile (absolute addresses) as changed; a no-op when
+    /// nothing is lent.
+    fn take_back(&mut self, discarded: &[(u64, u64)]) -> Result<(), TrackError> {
+        let _ = discarded;
+        Ok(())
+    }
+}
+
+/// How a live checkpoint holds writers while the delta is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LiveSupport {
+    /// Tracking does not use userfaultfd on the regions (KVM's dirty log):
+    /// the checkpoint write-protects the delta's pages with its own.
+    Independent,
+    /// The tracker's async write-protection is handed over to a synchronous
+    /// userfaultfd for the save and back after it, without walking page
+    /// tables (probed: `Capabilities::wp_handover`).
+    HandOver,
+    /// No live checkpoints: the workload stays paused while the delta is
+    /// written (the synchronous tracker, whose userfaultfd holds the regions).
+    None,
 }
 
 /// Why tracking could not start or a collect failed.
@@ -101,6 +143,15 @@ pub enum TrackError {
     /// The tracker was stopped.
     #[error("the tracker was stopped")]
     Stopped,
+    /// Tracking is lent to a live checkpoint still being saved.
+    #[error("tracking is lent to a live checkpoint; hand it back before collecting")]
+    Lent,
+    /// The tracker cannot lend its protection to a live checkpoint.
+    #[error("the {0} tracker cannot hold writers for a live checkpoint")]
+    NoLiveSupport(&'static str),
+    /// A live checkpoint failed.
+    #[error("the live checkpoint failed")]
+    Live(#[from] livepage_snapshot::SnapshotError),
 }
 
 /// The pages of one region written since the previous collect.
@@ -108,6 +159,9 @@ pub enum TrackError {
 pub struct DirtyRegion {
     /// Byte ranges, relative to the region start, merged.
     pub ranges: RangeSet,
+    /// Those of them known to read as zeros (discarded since the previous
+    /// collect, with no page left behind).
+    pub zeros: RangeSet,
 }
 
 /// Statistics of one collect.

@@ -279,7 +279,10 @@ impl SyncState {
                     for (a, b) in pending {
                         p.confirm_zapped(i, r, a, b);
                     }
-                    out.push(DirtyRegion { ranges: set });
+                    out.push(DirtyRegion {
+                        ranges: set,
+                        ..Default::default()
+                    });
                 }
                 Ok(())
             });

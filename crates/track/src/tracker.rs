@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use livepage_mem::{RangeSet, Region};
+use livepage_runtime::{Runtime, RuntimeOptions};
 use livepage_uffd::{Categories, Features, Pagemap, RegisterMode, ScanRequest, Uffd, UffdBuilder};
 use serde::Serialize;
 
+use crate::discards::DiscardLog;
 use crate::sync::SyncState;
-use crate::{CollectStats, DirtyRegion, TrackError, Tracker};
+use crate::{CollectStats, DirtyRegion, LiveSupport, TrackError, Tracker};
 
 /// How writes are detected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,7 +42,7 @@ impl Backend {
     /// The features this backend needs on `regions`.
     fn features(self, regions: &[Arc<Region>]) -> Features {
         match self {
-            Backend::WpAsync => Features::WP_ASYNC,
+            Backend::WpAsync => Features::WP_ASYNC | Features::EVENT_REMOVE,
             Backend::SyncWp => crate::sync::features(regions),
         }
     }
@@ -68,14 +70,20 @@ pub struct DirtyTracker {
     backend: Backend,
     regions: Vec<Arc<Region>>,
     pagemap: Option<Pagemap>,
-    /// The async backend's userfaultfd (the sync backend's lives in its policy).
-    uffd: Option<Uffd>,
+    /// The async backend's userfaultfd and the thread logging its discards
+    /// (the sync backend's lives in its policy).
+    discards: Option<Runtime<DiscardLog>>,
+    /// Discards reported by the previous collect, reported once more: a
+    /// discard's zap follows the read of its event.
+    last_discards: Vec<RangeSet>,
     /// The async backend's present pages at the previous collect, per
     /// region (absolute addresses): a page present then and not now was
     /// zapped by a discard, and reads as zeros.
     present: Vec<RangeSet>,
     sync: Option<SyncState>,
     stopped: bool,
+    /// The regions' protection is lent to a live checkpoint.
+    lent: bool,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -121,10 +129,12 @@ impl DirtyTracker {
             backend,
             regions,
             pagemap: None,
-            uffd: None,
+            discards: None,
+            last_discards: Vec::new(),
             present: Vec::new(),
             sync: None,
             stopped: false,
+            lent: false,
         };
         match backend {
             Backend::WpAsync => {
@@ -133,7 +143,22 @@ impl DirtyTracker {
                     .features(features)
                     .create()?;
                 register_all(&t.regions, &uffd, RegisterMode::WP)?;
-                t.uffd = Some(uffd);
+                let spans = t
+                    .regions
+                    .iter()
+                    .map(|r| (r.addr() as u64, (r.addr() + r.len()) as u64))
+                    .collect();
+                let log = Arc::new(DiscardLog::new(uffd, spans));
+                let rt = match Runtime::start(log.clone(), RuntimeOptions::new("lp-track-rm", 1)) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        for r in &t.regions {
+                            let _ = r.unregister(log.uffd());
+                        }
+                        return Err(TrackError::Handler(e));
+                    }
+                };
+                t.discards = Some(rt);
                 // Arm with one harvest: it protects what is populated. A page
                 // that appears later has no uffd-wp bit, so it reads as written
                 // anyway; arming costs what is populated, not the reserved size.
@@ -169,10 +194,11 @@ impl DirtyTracker {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
-        if let Some(u) = &self.uffd {
+        if let Some(mut rt) = self.discards.take() {
             for r in &self.regions {
-                let _ = r.unregister(u);
+                let _ = r.unregister(rt.policy().uffd());
             }
+            let _ = rt.stop();
         }
         if let Some(mut s) = self.sync.take() {
             s.stop(&self.regions);
@@ -185,6 +211,11 @@ impl DirtyTracker {
         let mut out = Vec::with_capacity(self.regions.len());
         let mut calls = 0;
         self.present.resize_with(self.regions.len(), RangeSet::new);
+        let logged = match &self.discards {
+            Some(rt) => rt.policy().take(),
+            None => Vec::new(),
+        };
+        let discarded = std::mem::replace(&mut self.last_discards, logged);
         for (i, r) in self.regions.iter().enumerate() {
             let base = r.addr() as u64;
             let end = base + r.len() as u64;
@@ -196,13 +227,16 @@ impl DirtyTracker {
             // collect finds it present and reports it as written.
             let mut populated = Vec::new();
             let mut present = RangeSet::new();
+            let mut swapped = RangeSet::new();
             let cats = Categories::PRESENT | Categories::SWAPPED;
-            let mut scan = pm.scan(ScanRequest::any_of(base, end, cats, Categories::PRESENT));
+            let mut scan = pm.scan(ScanRequest::any_of(base, end, cats, cats));
             for reg in scan.by_ref() {
                 let reg = reg?;
                 populated.push((reg.start, reg.end));
                 if reg.categories.contains(Categories::PRESENT) {
                     present.insert(reg.start, reg.end);
+                } else {
+                    swapped.insert(reg.start, reg.end);
                 }
             }
             calls += scan.calls();
@@ -216,8 +250,37 @@ impl DirtyTracker {
             for (s, e) in present.iter() {
                 gone.remove(s, e);
             }
+            // Discards logged by the event thread (this collect's and the
+            // previous one's): changed contents, even where a read since has
+            // put a protected zero page back.
+            for d in [discarded.get(i), self.last_discards.get(i)]
+                .into_iter()
+                .flatten()
+            {
+                for (s, e) in d.iter() {
+                    set.insert(s, e);
+                }
+            }
+            let mut zeros = RangeSet::new();
             for (s, e) in gone.iter() {
                 set.insert(s - base, e - base);
+                // Zeros for sure: private memory with no page nor swap entry
+                // left, or a hole of the memfd behind shared memory.
+                let (off, len) = ((s - base) as usize, (e - s) as usize);
+                if r.kind().has_page_cache() {
+                    if r.is_hole(off, len) {
+                        zeros.insert(s - base, e - base);
+                    }
+                } else {
+                    let mut z = RangeSet::new();
+                    z.insert(s, e);
+                    for (a, b) in swapped.iter() {
+                        z.remove(a, b);
+                    }
+                    for (a, b) in z.iter() {
+                        zeros.insert(a - base, b - base);
+                    }
+                }
             }
             // What was reported gone stays in the baseline: it has no page to
             // protect, so a write the consumer reads after this collect and a
@@ -236,7 +299,7 @@ impl DirtyTracker {
                 }
                 calls += scan.calls();
             }
-            out.push(DirtyRegion { ranges: set });
+            out.push(DirtyRegion { ranges: set, zeros });
         }
         let stats = CollectStats::tally(&out, t0.elapsed(), calls);
         Ok((out, stats))
@@ -247,6 +310,9 @@ impl Tracker for DirtyTracker {
     fn collect(&mut self) -> Result<(Vec<DirtyRegion>, CollectStats), TrackError> {
         if self.stopped {
             return Err(TrackError::Stopped);
+        }
+        if self.lent {
+            return Err(TrackError::Lent);
         }
         match (self.backend, &mut self.sync) {
             (Backend::WpAsync, _) => self.collect_async(),
@@ -260,6 +326,51 @@ impl Tracker for DirtyTracker {
             Backend::WpAsync => "wp-async",
             Backend::SyncWp => "sync-wp",
         }
+    }
+
+    fn live_support(&self) -> LiveSupport {
+        if self.backend == Backend::WpAsync && livepage_uffd::probe::capabilities().wp_handover {
+            LiveSupport::HandOver
+        } else {
+            LiveSupport::None
+        }
+    }
+
+    fn collect_and_lend(&mut self) -> Result<(Vec<DirtyRegion>, CollectStats), TrackError> {
+        if self.live_support() != LiveSupport::HandOver {
+            return Err(TrackError::NoLiveSupport(self.name()));
+        }
+        let out = self.collect()?;
+        let uffd = self
+            .discards
+            .as_ref()
+            .ok_or(TrackError::Stopped)?
+            .policy()
+            .uffd();
+        for (i, r) in self.regions.iter().enumerate() {
+            if let Err(e) = uffd.unregister_keeping_protection(r.addr(), r.len()) {
+                // Keep tracking what was let go (its bits are intact).
+                for done in &self.regions[..i] {
+                    let _ = done.register(uffd, RegisterMode::WP);
+                }
+                return Err(e.into());
+            }
+        }
+        self.lent = true;
+        Ok(out)
+    }
+
+    fn take_back(&mut self, discarded: &[(u64, u64)]) -> Result<(), TrackError> {
+        if !self.lent {
+            return Ok(());
+        }
+        let log = self.discards.as_ref().ok_or(TrackError::Stopped)?.policy();
+        for &(s, e) in discarded {
+            log.record(s, e);
+        }
+        register_all(&self.regions, log.uffd(), RegisterMode::WP)?;
+        self.lent = false;
+        Ok(())
     }
 }
 

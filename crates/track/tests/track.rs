@@ -312,3 +312,31 @@ fn discards_racing_collects_lose_nothing() {
         assert_eq!(diff, None, "{backend:?}: a page differs from its copy");
     }
 }
+
+/// A discard on shared memory followed by a read (no write) changes the
+/// page's contents to zeros while the page comes back protected: the
+/// collect must still report it (it did not, before the tracker logged
+/// EVENT_REMOVE).
+#[test]
+fn a_discard_read_back_is_reported() {
+    if !usable("discard_read_back", Backend::WpAsync) {
+        return;
+    }
+    for kind in [MemoryKind::Anon, MemoryKind::Shmem] {
+        let r = Arc::new(Region::new(kind, 64 * 4096).unwrap());
+        r.fill(0, r.len(), 7).unwrap();
+        let mut t = DirtyTracker::start(vec![r.clone()], Some(Backend::WpAsync)).unwrap();
+        let (d, _) = t.collect().unwrap();
+        assert!(d[0].ranges.is_empty());
+        r.discard(5 * 4096, 2 * 4096).unwrap();
+        let mut page = vec![1u8; 4096];
+        r.read(5 * 4096, &mut page).unwrap();
+        assert!(page.iter().all(|b| *b == 0));
+        let (d, _) = t.collect().unwrap();
+        assert!(
+            d[0].ranges.covers(5 * 4096, 7 * 4096),
+            "{kind}: discarded pages not reported: {:?}",
+            d[0].ranges
+        );
+    }
+}

@@ -118,6 +118,10 @@ pub struct Capabilities {
     pub pagemap_scan: bool,
     /// Registration results per memory type and mode.
     pub register: Vec<RegisterProbe>,
+    /// uffd-wp bits survive [`crate::Uffd::unregister_keeping_protection`],
+    /// so a tracker can hand its protection to another userfaultfd without
+    /// walking page tables (live checkpoints use it).
+    pub wp_handover: bool,
     /// The error that stopped the probe from creating a uffd, if any.
     pub create_error: Option<String>,
 }
@@ -215,6 +219,7 @@ pub fn probe() -> Capabilities {
         api_ioctls: Ioctls::empty(),
         pagemap_scan: Pagemap::is_supported(),
         register: Vec::new(),
+        wp_handover: false,
         create_error: None,
     };
     // Learn the feature set on a scratch fd (UFFDIO_API succeeds once per fd);
@@ -230,7 +235,42 @@ pub fn probe() -> Capabilities {
     if scratch.is_ok() {
         caps.register = probe_register();
     }
+    if caps.features.contains(Features::WP_ASYNC) && caps.pagemap_scan {
+        caps.wp_handover = probe_wp_handover().unwrap_or(false);
+    }
     caps
+}
+
+/// Protects a touched page under one async userfaultfd, hands it over with
+/// [`crate::Uffd::unregister_keeping_protection`] to a second one, and asks
+/// PAGEMAP_SCAN whether the page still reads as protected (not written).
+fn probe_wp_handover() -> Result<bool, Box<dyn std::error::Error>> {
+    use crate::pagemap::ScanRequest;
+    let page = crate::mm::page_size();
+    let m = Mapping::anonymous(page, AnonOptions::default())?;
+    // SAFETY: the mapping is ours and live; one byte inside it is written.
+    unsafe { m.as_ptr().write_volatile(1) };
+    let start = m.addr() as u64;
+    let end = start + page as u64;
+    let create = || {
+        UffdBuilder::new()
+            .non_blocking(true)
+            .features(Features::WP_ASYNC)
+            .create()
+    };
+    let (a, b) = (create()?, create()?);
+    // SAFETY: the probe mapping is private to this function and not touched
+    // while registered; both registrations end before it is unmapped.
+    unsafe { a.register(m.addr(), page, RegisterMode::WP) }?;
+    let mut pm = Pagemap::open_self()?;
+    // The harvest protects the page (it reads as written before).
+    let before = pm.scan(ScanRequest::harvest_written(start, end)).count();
+    a.unregister_keeping_protection(m.addr(), page)?;
+    // SAFETY: as above.
+    unsafe { b.register(m.addr(), page, RegisterMode::WP) }?;
+    let after = pm.scan(ScanRequest::written(start, end)).count();
+    b.unregister(m.addr(), page)?;
+    Ok(before == 1 && after == 0)
 }
 
 /// A scratch mapping (and the memfd behind it, kept open while it is probed).

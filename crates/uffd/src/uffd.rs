@@ -196,6 +196,33 @@ impl Uffd {
         Ok(())
     }
 
+    /// Ends this userfaultfd's registration of the range but leaves the
+    /// pages' uffd-wp bits in the page tables, so the next userfaultfd that
+    /// registers the range in write-protect mode finds them protected: the
+    /// hand-over between an async (WP_ASYNC) tracker and a synchronous
+    /// write-protect context in microseconds, where unregistering (which
+    /// clears every bit, a walk of the range) and protecting again (another)
+    /// cost milliseconds per 100 MiB.
+    ///
+    /// How: re-registering the range MISSING-only drops VM_UFFD_WP without
+    /// touching the page tables, and unregistering a range without it skips
+    /// the clearing walk. Between this call and the next registration a
+    /// write to a protected page is not reported to anyone and may leave its
+    /// bit set, so the caller keeps writers away (paused) for that moment.
+    /// Whether the kernel behaves so is probed once
+    /// ([`crate::probe::Capabilities::wp_handover`]).
+    pub fn unregister_keeping_protection(
+        &self,
+        start: usize,
+        len: usize,
+    ) -> Result<(), RangeError> {
+        // SAFETY: the range is already registered with this userfaultfd (or the
+        // kernel refuses); MISSING-only changes only which faults are reported,
+        // and nothing faults on it before the unregister right after.
+        unsafe { self.register(start, len, RegisterMode::MISSING) }?;
+        self.unregister(start, len)
+    }
+
     /// `UFFDIO_WAKE`: wakes threads blocked on faults in the range.
     pub fn wake(&self, start: usize, len: usize) -> Result<(), RangeError> {
         check_range(Op::Wake, start, len)?;
