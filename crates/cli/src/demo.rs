@@ -61,6 +61,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         buffer: Some(16 << 20),
         snapshot_handlers: None,
         checkpoint_every: None,
+        checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: None,
         tracker: None,
         migrate: Default::default(),
@@ -105,6 +106,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         buffer: None,
         snapshot_handlers: None,
         checkpoint_every: Some(15_000),
+        checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: Some(ck.clone()),
         tracker: None,
         migrate: Default::default(),
@@ -203,6 +205,7 @@ fn migrate(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         buffer: None,
         snapshot_handlers: None,
         checkpoint_every: None,
+        checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: None,
         tracker: None,
         migrate: crate::vm::migrate::MigrateArgs {

@@ -121,6 +121,69 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Stores `data.len() / page size` consecutive pages of one region,
+    /// starting at page `global`, with one write: what a background writer
+    /// saving runs of pages needs to keep up with a disk.
+    pub fn write_run(&self, global: u64, data: &[u8]) -> Result<(), ImageError> {
+        let out_of_range = || ImageError::OutOfRange {
+            region: self.layout.regions.len(),
+            first: global,
+            count: 1,
+            bytes: data.len(),
+        };
+        let (r, p) = self.layout.locate(global).ok_or_else(out_of_range)?;
+        let ps = self.layout.regions[r].page_size;
+        if data.is_empty() || data.len() as u64 % ps != 0 {
+            return Err(ImageError::PageLength {
+                len: data.len(),
+                page_size: ps,
+            });
+        }
+        let n = data.len() as u64 / ps;
+        match self.layout.locate(global + n - 1) {
+            Some((r2, _)) if r2 == r => {}
+            _ => return Err(out_of_range()),
+        }
+        self.file
+            .write_all_at(data, self.layout.offset(r, p))
+            .map_err(io("writing", &self.tmp))?;
+        for (k, page) in data.chunks(ps as usize).enumerate() {
+            let crc = crc32c::crc32c(page);
+            self.index[global as usize + k].store(
+                (u64::from(PageState::Data.code()) << 32) | u64::from(crc),
+                Ordering::Release,
+            );
+        }
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stores consecutive pages of one region from page `global`: runs of
+    /// data with one write each, all-zero pages as holes. Returns how many
+    /// were zeros.
+    pub fn store_run(&self, global: u64, data: &[u8], page_size: usize) -> Result<u64, ImageError> {
+        let ps = page_size.max(1);
+        let mut zeros = 0;
+        let mut k = 0;
+        let pages = data.len() / ps;
+        while k < pages {
+            let page = &data[k * ps..(k + 1) * ps];
+            if page.iter().all(|b| *b == 0) {
+                self.mark_zero(global + k as u64);
+                zeros += 1;
+                k += 1;
+                continue;
+            }
+            let mut j = k + 1;
+            while j < pages && data[j * ps..(j + 1) * ps].iter().any(|b| *b != 0) {
+                j += 1;
+            }
+            self.write_run(global + k as u64, &data[k * ps..j * ps])?;
+            k = j;
+        }
+        Ok(zeros)
+    }
+
     /// Records page `global` as all zeros (a hole).
     pub fn mark_zero(&self, global: u64) {
         if let Some(e) = self.index.get(global as usize) {

@@ -52,8 +52,12 @@ pub(crate) struct Engine {
     pub(crate) keep_protection: bool,
     /// Pages outside a delta's scope (marked claimed and done at arming).
     pub(crate) outside: AtomicU64,
-    /// The writer has returned (the image is complete, or the snapshot failed).
-    pub(crate) writer_done: AtomicBool,
+    /// Every page is saved (the image may still be being finished).
+    pub(crate) pages_saved: AtomicBool,
+    /// When the image was complete.
+    pub(crate) written_at: Mutex<Option<std::time::Instant>>,
+    /// The finished image's id (the writer finishes it: index, sync, rename).
+    pub(crate) image_id: Mutex<Option<livepage_image::ImageId>>,
     /// Ranges discarded while the snapshot ran (for a tracker taking its
     /// protection back: their contents changed without a write).
     pub(crate) discarded: Mutex<Vec<(u64, u64)>>,
@@ -134,6 +138,10 @@ impl Engine {
                     off += len;
                 }
             }
+            // Unregistering wakes waiters only in MISSING mode: a writer whose
+            // write-protect fault was read but not yet answered would sleep
+            // forever. Wake the whole range (the faults retry unregistered).
+            let _ = self.uffd().wake(t.region.addr(), t.region.len());
         }
         let _ = self.canary.unregister(self.uffd());
     }

@@ -45,7 +45,7 @@ use livepage_mem::{RangeSet, RegionError};
 use livepage_uffd::{CreateError, Features, RangeError};
 use serde::Serialize;
 
-pub use snapshot::{Held, Prepared, Snapshot, Watch, prepare, required_features, start};
+pub use snapshot::{Prepared, Snapshot, Watch, prepare, required_features, start};
 
 /// How the pages a snapshot saves are write-protected at its instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,8 +63,7 @@ pub enum Protection {
     /// (microseconds), plus one protection walk when `protect_all` (a base
     /// image, whose never-touched pages carry no tracker bit). Saved pages
     /// stay protected, so each first write after the instant still faults,
-    /// and [`Snapshot::wait_held`] keeps the protection for
-    /// [`Held::hand_back`], which gives it back to the tracker.
+    /// until [`Snapshot::hand_back`] gives the protection back to the tracker.
     HandedOver {
         /// Also protect every page at arming.
         protect_all: bool,
@@ -203,6 +202,12 @@ pub enum SnapshotError {
     /// Resolving a fault failed.
     #[error("resolving a write-protect fault failed")]
     Fault(#[from] livepage_runtime::ResolveError),
+    /// [`Snapshot::hand_back`] before every page is saved, or without
+    /// [`Protection::HandedOver`].
+    #[error(
+        "the protection can be handed back only by a handed-over snapshot whose pages are all saved"
+    )]
+    NotSaved,
     /// A scope names a different number of regions than the snapshot has.
     #[error("the delta's scope covers {got} regions, the snapshot has {expected}")]
     ScopeMismatch {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livepage_image::{ImageId, ImageWriter, RegionDesc};
+use livepage_image::{ImageWriter, RegionDesc};
 use livepage_mem::{MemoryKind, PageBitmap, RangeSet, Region, RegionTable};
 use livepage_runtime::{Runtime, RuntimeOptions};
 use livepage_uffd::{Features, RangeError, RegisterMode, Resolved, UffdBuilder};
@@ -141,7 +141,9 @@ pub fn prepare(
         writer_parked: AtomicBool::new(false),
         keep_protection: handed_over,
         outside: AtomicU64::new(0),
-        writer_done: AtomicBool::new(false),
+        pages_saved: AtomicBool::new(false),
+        written_at: Mutex::new(None),
+        image_id: Mutex::new(None),
         discarded: Mutex::new(Vec::new()),
     });
     let rt = match Runtime::start(
@@ -363,7 +365,7 @@ impl Snapshot {
         self.arm
     }
 
-    /// A handle another thread can ask whether the image is written.
+    /// A handle another thread can ask whether every page is saved.
     pub fn watch(&self) -> Watch {
         Watch {
             shared: self.shared.clone(),
@@ -375,37 +377,66 @@ impl Snapshot {
         self.shared.fail(SnapshotError::Cancelled);
     }
 
-    /// Waits for the image to be complete and returns the statistics. All
-    /// protection is lifted (with [`Protection::HandedOver`] too: the
-    /// tracker then finds every page written; see [`Snapshot::wait_held`]).
-    pub fn wait(self) -> Result<SnapshotStats, SnapshotError> {
-        let (stats, held) = self.wait_held()?;
-        drop(held);
-        Ok(stats)
+    /// Whether every page is saved (the image may still be being synced):
+    /// the moment [`Snapshot::hand_back`] may be called.
+    pub fn saved(&self) -> bool {
+        self.shared.pages_saved.load(Ordering::SeqCst)
     }
 
-    /// Waits for the image to be complete, keeping the protection and the
-    /// fault handlers: a write still faults once per page, so the
-    /// [`Held`] protection can go back to the tracker it came from.
-    pub fn wait_held(mut self) -> Result<(SnapshotStats, Held), SnapshotError> {
+    /// With [`Protection::HandedOver`], once [`Snapshot::saved`]: ends the
+    /// registration and stops the fault handlers, leaving the protection
+    /// in the page tables for the tracker, which registers the regions
+    /// again right after. The workload must be paused from this call until
+    /// the tracker has registered: a write in between would be seen by
+    /// nobody. The image is finished in the background; [`Snapshot::wait`]
+    /// returns it. Returns the ranges discarded since the instant (their
+    /// contents changed without a write).
+    pub fn hand_back(&mut self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        if !self.saved() || !self.shared.keep_protection {
+            return Err(SnapshotError::NotSaved);
+        }
+        let res = self.shared.hand_back();
+        if let Some(mut rt) = self.rt.take() {
+            let _ = rt.stop();
+        }
+        res?;
+        Ok(self
+            .shared
+            .discarded
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default())
+    }
+
+    /// Waits for the image to be complete and returns the statistics. What
+    /// protection is left is lifted (with [`Protection::HandedOver`] and no
+    /// [`Snapshot::hand_back`] before, the tracker then finds every page
+    /// written: safe, not cheap).
+    pub fn wait(mut self) -> Result<SnapshotStats, SnapshotError> {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        let duration = self.started.elapsed();
-        let held = Held {
-            shared: self.shared.clone(),
-            rt: self.rt.take(),
-        };
+        self.shared.release();
+        if let Some(mut rt) = self.rt.take() {
+            let _ = rt.stop();
+        }
         if let Some(e) = self.shared.take_error() {
-            drop(held);
             return Err(e);
         }
         let shared = &self.shared;
+        let Some(id) = shared.image_id.lock().ok().and_then(|mut i| i.take()) else {
+            return Err(SnapshotError::Cancelled);
+        };
+        // From the instant to the image complete (not to this call).
+        let duration = match shared.written_at.lock().ok().and_then(|t| *t) {
+            Some(t) => t.saturating_duration_since(self.started),
+            None => self.started.elapsed(),
+        };
         let c = &shared.counters;
         let zero = c.zero.load(Ordering::Relaxed);
         let pages = shared.scope_pages();
-        let stats = SnapshotStats {
-            image_id: ImageId::default(),
+        Ok(SnapshotStats {
+            image_id: id,
             pages,
             data_pages: pages - zero,
             zero_pages: zero,
@@ -420,25 +451,11 @@ impl Snapshot {
             peak_buffer_bytes: (shared.buffer.peak() * shared.buffer.slot_size()) as u64,
             arm: self.arm,
             duration,
-        };
-        let id = match shared.image.finish() {
-            Ok(id) => id,
-            Err(e) => {
-                drop(held);
-                return Err(e.into());
-            }
-        };
-        Ok((
-            SnapshotStats {
-                image_id: id,
-                ..stats
-            },
-            held,
-        ))
+        })
     }
 }
 
-/// Tells whether a snapshot's writer is done (see [`Snapshot::watch`]).
+/// Tells whether a snapshot's pages are all saved (see [`Snapshot::watch`]).
 #[derive(Clone)]
 pub struct Watch {
     shared: Arc<Engine>,
@@ -447,70 +464,16 @@ pub struct Watch {
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watch")
-            .field("written", &self.is_written())
+            .field("saved", &self.is_saved())
             .finish()
     }
 }
 
 impl Watch {
-    /// The image is complete (or the snapshot failed): [`Snapshot::wait`]
-    /// returns without waiting.
-    pub fn is_written(&self) -> bool {
-        self.shared.writer_done.load(Ordering::SeqCst) || self.shared.aborted()
-    }
-}
-
-/// A finished snapshot's write-protection, still served: each page's first
-/// write since the instant faults once and is let through. Give it back to
-/// the tracker it came from with [`Held::hand_back`]; dropping it lifts it
-/// (every page then reads as written to that tracker: safe, not cheap).
-pub struct Held {
-    shared: Arc<Engine>,
-    rt: Option<Runtime<Engine>>,
-}
-
-impl std::fmt::Debug for Held {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held")
-            .field("faults", &self.faults())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Held {
-    /// Ranges discarded since the instant (absolute addresses).
-    pub fn discarded(&self) -> Vec<(u64, u64)> {
-        self.shared
-            .discarded
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default()
-    }
-
-    /// Write-protect faults served since the instant.
-    pub fn faults(&self) -> u64 {
-        self.shared.counters.faults.load(Ordering::Relaxed)
-    }
-
-    /// Ends the registration and leaves the protection in the page tables
-    /// for the tracker, which registers the regions again right after. The
-    /// workload must be paused from this call until the tracker has
-    /// registered: a write in between would be seen by nobody.
-    pub fn hand_back(mut self) -> Result<(), SnapshotError> {
-        let res = self.shared.hand_back().map(|_| ());
-        if let Some(mut rt) = self.rt.take() {
-            let _ = rt.stop();
-        }
-        res
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.shared.release();
-        if let Some(mut rt) = self.rt.take() {
-            let _ = rt.stop();
-        }
+    /// Every page is saved, or the snapshot failed: the moment to pause the
+    /// workload for [`Snapshot::hand_back`] (or to call [`Snapshot::wait`]).
+    pub fn is_saved(&self) -> bool {
+        self.shared.pages_saved.load(Ordering::SeqCst) || self.shared.aborted()
     }
 }
 

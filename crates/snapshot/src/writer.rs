@@ -26,10 +26,31 @@ impl Engine {
     }
 
     pub(crate) fn writer_loop(&self) {
-        if let Err(e) = self.write_all() {
-            self.fail(e);
+        match self.write_all() {
+            // Every page is saved: a tracker may take its protection back
+            // now, while the image is completed (index, sync, rename) here.
+            Ok(()) if !self.aborted() => {
+                if !self.keep_protection {
+                    // Nothing left to hold: lift what protection remains now,
+                    // not in whoever waits for the image.
+                    self.release();
+                }
+                self.pages_saved.store(true, Ordering::SeqCst);
+                match self.image.finish() {
+                    Ok(id) => {
+                        if let Ok(mut t) = self.written_at.lock() {
+                            *t = Some(std::time::Instant::now());
+                        }
+                        if let Ok(mut slot) = self.image_id.lock() {
+                            *slot = Some(id);
+                        }
+                    }
+                    Err(e) => self.fail(e.into()),
+                }
+            }
+            Ok(()) => {}
+            Err(e) => self.fail(e),
         }
-        self.writer_done.store(true, Ordering::SeqCst);
     }
 
     fn write_all(&self) -> Result<(), SnapshotError> {
@@ -75,9 +96,10 @@ impl Engine {
                         t.region
                             .read_checked(lo as usize * t.page_size, &mut bounce)?;
                     }
-                    for (k, page) in bounce.chunks(t.page_size).enumerate() {
-                        self.store(t.first + lo + k as u64, page)?;
-                        self.mark_done(t.first + lo + k as u64);
+                    let zeros = self.image.store_run(t.first + lo, &bounce, t.page_size)?;
+                    self.counters.zero.fetch_add(zeros, Ordering::Relaxed);
+                    for k in 0..(j - i) as u64 {
+                        self.mark_done(t.first + lo + k);
                     }
                     self.counters
                         .by_writer

@@ -106,16 +106,9 @@ pub fn write_checkpoint(
                 } else {
                     r.read_checked(off as usize, &mut buf)?;
                 }
-                for (k, page) in buf.chunks(ps).enumerate() {
-                    let g = w.global_page(i, off / ps as u64 + k as u64);
-                    if page.iter().all(|b| *b == 0) {
-                        w.mark_zero(g);
-                        zero += 1;
-                    } else {
-                        w.write_page(g, page)?;
-                        data += 1;
-                    }
-                }
+                let z = w.store_run(w.global_page(i, off / ps as u64), &buf, ps)?;
+                zero += z;
+                data += (buf.len() / ps) as u64 - z;
                 off += n as u64;
             }
         }

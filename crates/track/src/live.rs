@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use livepage_image::ImageId;
 use livepage_mem::{RangeSet, Region};
-use livepage_snapshot::{Held, Protection, Scope, Snapshot, SnapshotOptions, Watch};
+use livepage_snapshot::{Protection, Scope, Snapshot, SnapshotOptions, Watch};
 use serde::Serialize;
 
 use crate::{CheckpointStats, DirtyRegion, LiveSupport, TrackError, Tracker};
@@ -109,7 +109,8 @@ pub struct LiveReport {
 struct InFlight {
     snap: Snapshot,
     report: LiveReport,
-    handed_over: bool,
+    /// The tracker's protection is lent to the snapshot.
+    lent: bool,
     /// The delta's pages, carried into the next one if this one fails.
     scope: Vec<RangeSet>,
 }
@@ -186,19 +187,22 @@ impl LiveCheckpoints {
         self.inflight.is_some()
     }
 
-    /// Whether tracking is lent to a checkpoint already written, waiting for
-    /// [`LiveCheckpoints::hand_back`].
+    /// Whether tracking is lent to a checkpoint whose pages are all saved,
+    /// waiting for [`LiveCheckpoints::hand_back`].
     pub fn ready_to_hand_back(&self) -> bool {
         self.inflight
             .as_ref()
-            .is_some_and(|f| f.snap.watch().is_written())
+            .is_some_and(|f| f.lent && f.snap.watch().is_saved())
     }
 
-    /// A handle a monitor thread can poll to learn when the checkpoint in
-    /// flight is written, and then pause the workload for
+    /// While tracking is lent: a handle a monitor thread can poll to learn
+    /// when every page is saved, and then pause the workload for
     /// [`LiveCheckpoints::hand_back`].
     pub fn watch(&self) -> Option<Watch> {
-        self.inflight.as_ref().map(|f| f.snap.watch())
+        self.inflight
+            .as_ref()
+            .filter(|f| f.lent)
+            .map(|f| f.snap.watch())
     }
 
     /// Reports of the checkpoints finished since the last call, oldest first.
@@ -272,7 +276,7 @@ impl LiveCheckpoints {
         self.inflight = Some(InFlight {
             snap,
             report,
-            handed_over: support == LiveSupport::HandOver,
+            lent: support == LiveSupport::HandOver,
             scope: scope.pages,
         });
         Ok(())
@@ -360,57 +364,56 @@ impl LiveCheckpoints {
         Ok(())
     }
 
-    /// With the workload paused: if the checkpoint in flight is written,
-    /// completes it and gives tracking back (microseconds). Returns whether
-    /// it did; false while the image is still being written.
+    /// With the workload paused: if the checkpoint in flight has saved every
+    /// page, gives tracking back (microseconds); the image is finished in
+    /// the background. Returns whether it did.
     pub fn hand_back(&mut self, tracker: &mut dyn Tracker) -> Result<bool, TrackError> {
         if !self.ready_to_hand_back() {
             return Ok(false);
         }
-        self.finish(tracker).map(|()| true)
+        self.give_back(tracker)?;
+        Ok(true)
     }
 
-    /// With the workload paused: waits for the checkpoint in flight (if
-    /// any) and gives tracking back.
+    /// Gives the lent protection back, waiting for the pages to be saved.
+    fn give_back(&mut self, tracker: &mut dyn Tracker) -> Result<(), TrackError> {
+        let Some(f) = self.inflight.as_mut().filter(|f| f.lent) else {
+            return Ok(());
+        };
+        let watch = f.snap.watch();
+        while !watch.is_saved() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let t0 = Instant::now();
+        f.lent = false;
+        // A failed snapshot lifted its protection already: every page then
+        // reads as written, and its pages are carried by `finish`.
+        let discarded = f.snap.hand_back().unwrap_or_default();
+        let res = tracker.take_back(&discarded);
+        f.report.handback_ms = ms(t0.elapsed());
+        res
+    }
+
+    /// Gives tracking back (the workload paused, if it is lent) and waits
+    /// for the checkpoint in flight to be complete.
     pub fn finish(&mut self, tracker: &mut dyn Tracker) -> Result<(), TrackError> {
+        self.give_back(tracker)?;
         let Some(f) = self.inflight.take() else {
             return Ok(());
         };
         let InFlight {
             snap,
             mut report,
-            handed_over,
             scope,
+            ..
         } = f;
-        let result = snap.wait_held();
-        let t0 = Instant::now();
-        let (stats, held): (_, Option<Held>) = match result {
-            Ok((s, h)) => (Some(s), Some(h)),
+        let st = match snap.wait() {
+            Ok(st) => st,
             Err(e) => {
                 self.carry = scope;
-                // The snapshot lifted its protection: every page reads as written.
-                tracker.take_back(&[])?;
                 return Err(e.into());
             }
         };
-        let mut discarded = Vec::new();
-        if let Some(h) = held {
-            discarded = h.discarded();
-            if handed_over {
-                if let Err(e) = h.hand_back() {
-                    self.carry = scope;
-                    tracker.take_back(&discarded)?;
-                    return Err(e.into());
-                }
-            } else {
-                drop(h);
-            }
-        }
-        tracker.take_back(&discarded)?;
-        let Some(st) = stats else {
-            return Ok(());
-        };
-        report.handback_ms = if handed_over { ms(t0.elapsed()) } else { 0.0 };
         report.write_ms = ms(st.duration);
         report.stats = CheckpointStats {
             id: st.image_id.to_string(),

@@ -1,6 +1,7 @@
 //! `livepage vm ...`: the test VM from the command line. Shared parts of
 //! `vm run` ([`run`]) and `vm resume` ([`resume`]).
 
+pub mod checkpoint;
 pub mod migrate;
 pub mod receive;
 pub mod resume;
@@ -63,9 +64,14 @@ pub fn run_with_bar(
     let done = std::sync::atomic::AtomicBool::new(false);
     let outcome = std::thread::scope(|s| {
         let monitor = s.spawn(|| {
+            let mut n = 0u32;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                bar.set_position(control.total());
-                std::thread::sleep(Duration::from_millis(100));
+                if n % 10 == 0 {
+                    bar.set_position(control.total());
+                }
+                n = n.wrapping_add(1);
+                // Short naps: the run returns as soon as the guest pauses.
+                std::thread::sleep(Duration::from_millis(10));
             }
         });
         let r = vm.run(control);

@@ -49,22 +49,28 @@ pub struct RunArgs {
     /// Where to write the snapshot image (must not exist).
     #[arg(long, requires = "snapshot_at")]
     pub snapshot_out: Option<std::path::PathBuf>,
-    /// Copy-on-write buffer of the live snapshot (default 64M; 0: writers
-    /// wait for the disk).
-    #[arg(long, value_parser = parse_size, requires = "snapshot_at")]
+    /// Copy-on-write buffer of the live snapshot or of each live checkpoint
+    /// (default 64M; 0: writers wait for the disk). Taken as it is used.
+    #[arg(long, value_parser = parse_size)]
     pub buffer: Option<u64>,
     /// Write a checkpoint every this many steps per vCPU: a full image first,
     /// then deltas of the pages written since (async write-protect tracking).
     #[arg(long, requires = "checkpoint_dir", conflicts_with = "snapshot_at")]
     pub checkpoint_every: Option<u64>,
+    /// How checkpoints are saved: `live` (the vCPUs pause only for the
+    /// harvest; the delta is written while they run) or `paused` (they wait
+    /// for the whole write).
+    #[arg(long, value_enum, default_value_t = CheckpointMode::Live, requires = "checkpoint_every")]
+    pub checkpoint_mode: CheckpointMode,
     /// Directory for the checkpoint chain (created; existing images are never overwritten).
     #[arg(long, requires = "checkpoint_every")]
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// How checkpoints and migration rounds find written pages (default: auto).
     #[arg(long, value_enum)]
     pub tracker: Option<TrackerArg>,
-    /// Threads serving write-protect faults during the snapshot (default 1).
-    #[arg(long, value_parser = at_least_one, requires = "snapshot_at")]
+    /// Threads serving write-protect faults during the snapshot or a live
+    /// checkpoint (default 1).
+    #[arg(long, value_parser = at_least_one)]
     pub snapshot_handlers: Option<usize>,
     #[command(flatten)]
     pub migrate: super::migrate::MigrateArgs,
@@ -88,7 +94,7 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub checkpoints: Vec<CheckpointReport>,
+    pub checkpoints: Vec<super::checkpoint::CheckpointReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationReport>,
 }
@@ -107,17 +113,13 @@ pub struct MigrationReport {
     pub report: Option<livepage_migrate::SourceReport>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct CheckpointReport {
-    pub image: String,
-    pub at_steps: Vec<u64>,
-    pub parent: Option<String>,
-    pub tracker: &'static str,
-    pub dirty_bytes: u64,
-    pub collect_ms: f64,
-    /// vCPUs paused: collect, then write the image.
-    pub pause_ms: f64,
-    pub stats: livepage_track::CheckpointStats,
+/// How `vm run` saves checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointMode {
+    /// The vCPUs pause only for the harvest; the delta is written while they run.
+    Live,
+    /// The vCPUs wait until the delta is written.
+    Paused,
 }
 
 #[derive(Debug, Serialize)]
@@ -175,6 +177,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 steps - 1
             );
         }
+    }
+    if (args.buffer.is_some() || args.snapshot_handlers.is_some())
+        && args.snapshot_at.is_none()
+        && args.checkpoint_every.is_none()
+    {
+        bail!(
+            "--buffer and --snapshot-handlers apply to --snapshot-at or --checkpoint-every; give one of them"
+        );
     }
     if let Some(every) = args.checkpoint_every {
         if every == 0 {
@@ -282,39 +292,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                     .context("starting dirty tracking")?,
             ),
         };
-        let mut parent: Option<livepage_image::ImageId> = None;
-        let mut k = 1;
-        loop {
-            let control = RunControl::new(spec.vcpus, Some(k * every));
-            outcome = run_with_bar(&mut vm, &control, &bar)?;
-            if outcome == RunOutcome::Finished {
-                break;
-            }
-            let paused = Instant::now();
-            let state = vm.save()?.to_bytes();
-            let (dirty, cstats) = tracker.collect()?;
-            let path = dir.join(format!("checkpoint-{k:04}.img"));
-            let delta = parent.map(|p| (dirty.as_slice(), p));
-            let (id, stats) = livepage_track::write_checkpoint(
-                std::slice::from_ref(&region),
-                delta,
-                &path,
-                Some(state),
-            )
-            .with_context(|| format!("writing {}", path.display()))?;
-            checkpoints.push(CheckpointReport {
-                image: path.display().to_string(),
-                at_steps: vm.progress(),
-                parent: parent.map(|p| p.to_string()),
-                tracker: tracker.name(),
-                dirty_bytes: cstats.dirty_bytes,
-                collect_ms: cstats.duration.as_secs_f64() * 1e3,
-                pause_ms: paused.elapsed().as_secs_f64() * 1e3,
-                stats,
-            });
-            parent = Some(id);
-            k += 1;
-        }
+        let plan = super::checkpoint::Plan {
+            every,
+            dir,
+            live: args.checkpoint_mode == CheckpointMode::Live,
+            buffer: args.buffer.unwrap_or(DEFAULT_BUFFER),
+            handlers: args.snapshot_handlers.unwrap_or(1),
+        };
+        let (o, cps) = super::checkpoint::run(&mut vm, &region, tracker.as_mut(), &plan, &bar)?;
+        outcome = o;
+        checkpoints = cps;
     }
     if outcome != RunOutcome::Finished {
         let control = RunControl::new(spec.vcpus, None);
@@ -430,31 +417,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         print!("{}", t.render());
         if !report.checkpoints.is_empty() {
-            let mut c = Table::new([
-                "checkpoint",
-                "kind",
-                "at steps",
-                "dirty",
-                "data pages",
-                "collect ms",
-                "pause ms",
-            ]);
-            for cp in &report.checkpoints {
-                c.row([
-                    cp.image.clone(),
-                    if cp.parent.is_some() {
-                        "delta".to_string()
-                    } else {
-                        "base".to_string()
-                    },
-                    format!("{:?}", cp.at_steps),
-                    format!("{} KiB", cp.dirty_bytes >> 10),
-                    cp.stats.data_pages.to_string(),
-                    format!("{:.2}", cp.collect_ms),
-                    format!("{:.1}", cp.pause_ms),
-                ]);
-            }
-            print!("\n{}", c.render());
+            print!("\n{}", super::checkpoint::table(&report.checkpoints));
         }
     }
     if !report.matches_reference {
