@@ -208,6 +208,19 @@ pub enum SnapshotError {
         "the protection can be handed back only by a handed-over snapshot whose pages are all saved"
     )]
     NotSaved,
+    /// The buffer could grow beyond the memory this machine has available.
+    #[error(
+        "a copy-on-write buffer of {} MiB can grow to {} MiB here (the size of the memory it copies), more than the {} MiB available; give a smaller --buffer (0 makes early writers wait for the disk)",
+        .requested >> 20, .can_grow_to >> 20, .available >> 20
+    )]
+    BufferTooLarge {
+        /// The bound asked for.
+        requested: u64,
+        /// What it can really grow to (the bound, at most the regions' size).
+        can_grow_to: u64,
+        /// `MemAvailable`.
+        available: u64,
+    },
     /// A scope names a different number of regions than the snapshot has.
     #[error("the delta's scope covers {got} regions, the snapshot has {expected}")]
     ScopeMismatch {

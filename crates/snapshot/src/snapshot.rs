@@ -87,6 +87,20 @@ pub fn prepare(
     if regions.is_empty() {
         return Err(SnapshotError::NoRegions);
     }
+    // The buffer can never hold more than the memory it copies; what it can
+    // grow to must fit in what the machine has free, or saving could fail
+    // half way. Refused before anything is created or armed.
+    let memory: u64 = regions.iter().map(|r| r.len() as u64).sum();
+    let bound = (opts.buffer_bytes as u64).min(memory);
+    if let Some(available) = livepage_uffd::mm::mem_available() {
+        if bound > available {
+            return Err(SnapshotError::BufferTooLarge {
+                requested: opts.buffer_bytes as u64,
+                can_grow_to: bound,
+                available,
+            });
+        }
+    }
     let descs: Vec<RegionDesc> = regions.iter().map(|r| RegionDesc::of(r)).collect();
     let image = ImageWriter::create(output, &descs, opts.parent)?;
     if let Some(v) = &opts.vm_state {
@@ -107,7 +121,7 @@ pub fn prepare(
     let table = RegionTable::new(&regions);
     let total = table.total();
     let slot_size = table.max_page_size();
-    let buffer = CowBuffer::new(opts.buffer_bytes, slot_size);
+    let buffer = CowBuffer::new(bound as usize, slot_size);
     // Registering changes nothing for the workload until pages are protected.
     // Regions a tracker still holds are registered at arming, once handed over.
     let handed_over = matches!(opts.protection, Protection::HandedOver { .. });

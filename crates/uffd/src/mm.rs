@@ -384,6 +384,16 @@ pub fn page_size() -> usize {
     usize::try_from(r).unwrap_or(4096)
 }
 
+/// Memory the kernel thinks can be allocated without swapping
+/// (`MemAvailable` in /proc/meminfo), in bytes.
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb << 10)
+}
+
 /// Resident set size of this process in bytes (from /proc/self/statm).
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")

@@ -222,7 +222,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let control = RunControl::new(spec.vcpus, Some(at));
-        if run_with_bar(&mut vm, &control, &bar)? == RunOutcome::Paused {
+        if run_with_bar(&mut vm, &control, &bar)? == RunOutcome::Finished {
+            bail!(
+                "the guest finished before --snapshot-at {at}: vCPUs report progress every {} steps, so give a step that is reached before the end",
+                livepage_testvm::guest::PROGRESS_EVERY
+            );
+        }
+        {
             let paused = Instant::now();
             let state = vm.save()?;
             let opts = livepage_snapshot::SnapshotOptions::default()
