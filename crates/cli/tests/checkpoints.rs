@@ -158,3 +158,40 @@ fn the_pause_covers_the_harvest_only_and_not_the_buffer_bound() {
         }
     }
 }
+
+/// A buffer that could outgrow the machine is refused with the numbers and
+/// a fix, before anything is armed, and leaves no file behind.
+#[test]
+fn a_buffer_the_machine_cannot_hold_is_refused() {
+    if !kvm_ok() {
+        return;
+    }
+    let avail = livepage_uffd::mm::mem_available().unwrap();
+    // Anonymous guest RAM larger than what is available: only touched pages count.
+    let mem = format!("{}G", (avail >> 30) + 2);
+    let dir = tempfile::tempdir().unwrap();
+    let out = livepage()
+        .args([
+            "vm",
+            "run",
+            "--mem",
+            &mem,
+            "--iterations",
+            "20000",
+            "--snapshot-at",
+            "4096",
+            "--buffer",
+            "1T",
+            "--snapshot-out",
+        ])
+        .arg(dir.path().join("s.img"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MiB available") && err.contains("smaller --buffer"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
