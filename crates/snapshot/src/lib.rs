@@ -147,7 +147,7 @@ impl Default for SnapshotOptions {
         SnapshotOptions {
             buffer_bytes: 64 << 20,
             handler_threads: 1,
-            chunk_pages: 256,
+            chunk_pages: 1024,
             vm_state: None,
             arm_threads: 0,
             parent: None,

@@ -93,8 +93,13 @@ impl Engine {
                     if t.region.is_hole(lo as usize * t.page_size, bounce.len()) {
                         bounce.fill(0);
                     } else {
-                        t.region
-                            .read_checked(lo as usize * t.page_size, &mut bounce)?;
+                        // A plain copy (not `read_checked`, whose kernel copy pins
+                        // every page and took a third of the writer's time): the
+                        // memory cannot be unmapped under it, because an unmap
+                        // waits until its event is read, and no event is read
+                        // before this writer has parked at a chunk boundary
+                        // (`hold_writer`, set by the handlers' `before_read`).
+                        t.region.read(lo as usize * t.page_size, &mut bounce)?;
                     }
                     let zeros = self.image.store_run(t.first + lo, &bounce, t.page_size)?;
                     self.counters.zero.fetch_add(zeros, Ordering::Relaxed);
