@@ -54,6 +54,23 @@ impl Region {
         unsafe { reference::fork_dump(self.addr(), self.len(), fd) }
     }
 
+    /// The fork() peer writing only `ranges` (byte offset, length; page
+    /// aligned, inside the region) of this region.
+    pub fn fork_dump_ranges(
+        &self,
+        fd: BorrowedFd<'_>,
+        ranges: &[(usize, usize)],
+    ) -> Result<(i32, Duration), Errno> {
+        if ranges
+            .iter()
+            .any(|&(o, l)| o % 4096 != 0 || l % 4096 != 0 || o + l > self.len())
+        {
+            return Err(Errno::INVAL);
+        }
+        // SAFETY: every range lies inside the region (checked), a readable mapping of ours.
+        unsafe { reference::fork_dump_ranges(self.addr(), ranges, fd) }
+    }
+
     /// The mprotect + SIGSEGV tracking peer over this region.
     pub fn mprotect_tracker(&self) -> Result<MprotectTracker, Errno> {
         // SAFETY: the region is a page-aligned mapping of ours, only ever

@@ -398,7 +398,7 @@ impl Snapshot {
     }
 
     /// With [`Protection::HandedOver`], once [`Snapshot::saved`]: ends the
-    /// registration and stops the fault handlers, leaving the protection
+    /// registration, leaving the protection
     /// in the page tables for the tracker, which registers the regions
     /// again right after. The workload must be paused from this call until
     /// the tracker has registered: a write in between would be seen by
@@ -409,11 +409,9 @@ impl Snapshot {
         if !self.saved() || !self.shared.keep_protection {
             return Err(SnapshotError::NotSaved);
         }
-        let res = self.shared.hand_back();
-        if let Some(mut rt) = self.rt.take() {
-            let _ = rt.stop();
-        }
-        res?;
+        // The handler threads have nothing left to serve; they are stopped
+        // by `wait`, outside the caller's pause.
+        self.shared.hand_back()?;
         Ok(self
             .shared
             .discarded

@@ -247,7 +247,7 @@ impl LiveCheckpoints {
             LiveSupport::HandOver => tracker.collect_and_lend()?,
             _ => tracker.collect()?,
         };
-        let scope = self.scope(&dirty, parent.is_none());
+        let scope = self.scope(dirty, parent.is_none());
         let armed = prepared.arm_scope(&scope);
         let snap = match armed {
             Ok(s) => s,
@@ -283,31 +283,25 @@ impl LiveCheckpoints {
     }
 
     /// The pages to save: the harvest plus anything owed by a failed
-    /// checkpoint, or everything for a base image.
-    fn scope(&mut self, dirty: &[DirtyRegion], base: bool) -> Scope {
+    /// checkpoint, or everything for a base image. Takes the harvest's sets
+    /// as they are (copying tens of thousands of runs would lengthen the
+    /// pause).
+    fn scope(&mut self, dirty: Vec<DirtyRegion>, base: bool) -> Scope {
         let carry = std::mem::take(&mut self.carry);
+        let mut dirty = dirty.into_iter();
         let mut pages = Vec::with_capacity(self.regions.len());
         let mut zeros = Vec::with_capacity(self.regions.len());
         for (i, r) in self.regions.iter().enumerate() {
-            let mut set = RangeSet::new();
+            let d = dirty.next().unwrap_or_default();
+            let (mut set, mut z) = (d.ranges, d.zeros);
             if base {
+                set = RangeSet::new();
                 set.insert(0, r.len() as u64);
-            } else {
-                if let Some(d) = dirty.get(i) {
-                    for (s, e) in d.ranges.iter() {
-                        set.insert(s, e);
-                    }
-                }
-                if let Some(c) = carry.get(i) {
-                    for (s, e) in c.iter() {
-                        set.insert(s, e);
-                    }
-                }
             }
-            // Carried pages may have been written since: never assume zeros there.
-            let mut z = dirty.get(i).map(|d| d.zeros.clone()).unwrap_or_default();
             if let Some(c) = carry.get(i) {
                 for (s, e) in c.iter() {
+                    set.insert(s, e);
+                    // Carried pages may have been written since: never zeros.
                     z.remove(s, e);
                 }
             }
@@ -328,7 +322,7 @@ impl LiveCheckpoints {
     ) -> Result<(), TrackError> {
         let (dirty, cstats) = tracker.collect()?;
         let base = self.parent.is_none();
-        let scope = self.scope(&dirty, base);
+        let scope = self.scope(dirty, base);
         let as_dirty: Vec<DirtyRegion> = scope
             .pages
             .iter()

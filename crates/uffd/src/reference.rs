@@ -107,46 +107,65 @@ pub unsafe fn fork_dump(
     len: usize,
     fd: BorrowedFd<'_>,
 ) -> Result<(i32, std::time::Duration), crate::Errno> {
+    // SAFETY: forwarded from the caller.
+    unsafe { fork_dump_ranges(addr, &[(0, len)], fd) }
+}
+
+/// [`fork_dump`] of some byte ranges `(offset, len)` of the mapping at
+/// `addr` only (a delta checkpoint written by fork's child).
+///
+/// # Safety
+/// Every range lies inside a readable, page-aligned mapping of the caller's
+/// at `addr`, and is page aligned.
+pub unsafe fn fork_dump_ranges(
+    addr: usize,
+    ranges: &[(usize, usize)],
+    fd: BorrowedFd<'_>,
+) -> Result<(i32, std::time::Duration), crate::Errno> {
     let raw = fd.as_raw_fd();
     let t0 = std::time::Instant::now();
     // SAFETY: the child below touches no lock, allocator or Rust runtime state: it
-    // reads memory it inherited, calls pwrite and _exit.
+    // reads memory it inherited (and `ranges`, allocated before), calls pwrite
+    // and _exit.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(crate::Errno::last());
     }
     if pid == 0 {
-        let mut off = 0usize;
         let mut code = 0;
-        while off < len {
-            // One run of non-zero pages, up to 1 MiB.
-            let mut end = off;
-            while end < len && end - off < (1 << 20) {
-                // SAFETY: `addr+end .. +4096` lies inside the caller's mapping, which
-                // the child inherited.
-                let page = unsafe { std::slice::from_raw_parts((addr + end) as *const u64, 512) };
-                if page.iter().all(|w| *w == 0) {
-                    break;
+        'ranges: for &(start, len) in ranges {
+            let (mut off, stop) = (start, start + len);
+            while off < stop {
+                // One run of non-zero pages, up to 1 MiB.
+                let mut end = off;
+                while end < stop && end - off < (1 << 20) {
+                    // SAFETY: `addr+end .. +4096` lies inside the caller's mapping,
+                    // which the child inherited.
+                    let page =
+                        unsafe { std::slice::from_raw_parts((addr + end) as *const u64, 512) };
+                    if page.iter().all(|w| *w == 0) {
+                        break;
+                    }
+                    end += 4096;
                 }
-                end += 4096;
-            }
-            if end > off {
-                // SAFETY: the run lies inside the inherited mapping; pwrite only reads it.
-                let n = unsafe {
-                    libc::pwrite(
-                        raw,
-                        (addr + off) as *const libc::c_void,
-                        end - off,
-                        off as i64,
-                    )
-                };
-                if n != (end - off) as isize {
-                    code = 1;
-                    break;
+                if end > off {
+                    // SAFETY: the run lies inside the inherited mapping; pwrite only reads it.
+                    let n = unsafe {
+                        libc::pwrite(
+                            raw,
+                            (addr + off) as *const libc::c_void,
+                            end - off,
+                            off as i64,
+                        )
+                    };
+                    if n != (end - off) as isize {
+                        code = 1;
+                        break 'ranges;
+                    }
+                    off = end;
+                } else {
+                    off += 4096;
                 }
-                off = end;
-            } else {
-                off += 4096;
             }
         }
         // SAFETY: ends the child without running the parent's destructors.

@@ -1,5 +1,6 @@
 //! `livepage bench ...`: benchmarks that measure livepage beside a peer in the same run.
 
+pub mod checkpoint;
 pub mod demand;
 pub mod faults;
 pub mod firecracker;

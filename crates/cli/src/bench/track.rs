@@ -80,6 +80,18 @@ pub struct TrackArgs {
     /// Skip the test-VM comparison (which includes KVM's dirty log).
     #[arg(long)]
     pub no_vm: bool,
+    /// Region of the checkpoint rows (live delta, paused delta, fork()).
+    #[arg(long, value_parser = crate::args::parse_size, default_value = "512M")]
+    pub checkpoint_size: u64,
+    /// Fractions of that region written between two checkpoints.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.01f64, 0.1, 0.5])]
+    pub checkpoint_dirty: Vec<f64>,
+    /// Skip the checkpoint rows.
+    #[arg(long)]
+    pub no_checkpoints: bool,
+    /// Directory for the checkpoint rows' images (deleted after each row).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: std::path::PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -362,17 +374,32 @@ pub fn main(args: &TrackArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         run_vm(args.json)?
     };
+    if args
+        .checkpoint_dirty
+        .iter()
+        .any(|f| !(*f > 0.0 && *f <= 1.0))
+    {
+        anyhow::bail!("--checkpoint-dirty takes fractions in (0, 1], e.g. 0.01,0.1,0.5");
+    }
+    let cp_rows = if args.no_checkpoints {
+        Vec::new()
+    } else {
+        super::checkpoint::rows(args.checkpoint_size, &args.checkpoint_dirty, &args.dir)?
+    };
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"regions": rows, "test_vm": vm_rows})
+                &serde_json::json!({"regions": rows, "test_vm": vm_rows, "checkpoints": cp_rows})
             )?
         );
     } else {
         print!("{}", render(&rows));
         if !vm_rows.is_empty() {
             print!("\n{}", render_vm(&vm_rows));
+        }
+        if !cp_rows.is_empty() {
+            print!("\n{}", super::checkpoint::render(&cp_rows));
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
