@@ -91,7 +91,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     }
 
     section(
-        "incremental checkpoints of the running VM (async write-protect + PAGEMAP_SCAN), then a resume from the middle one",
+        "live incremental checkpoints of the running VM (WP_ASYNC + PAGEMAP_SCAN; the vCPUs pause for the harvest, the delta is saved while they run), then a resume from the middle one",
     );
     let ck = dir.join("checkpoints");
     let code = crate::vm::run::run(&RunArgs {
