@@ -206,25 +206,24 @@ impl Prepared {
         let total = sh.regions.total() as usize;
         sh.claimed.set_range(0, total);
         sh.done.set_range(0, total);
-        let mut inside = 0u64;
         for (t, ranges) in sh.regions.iter().zip(&scope.pages) {
             let ps = t.page_size as u64;
             for (s, e) in ranges.iter() {
+                // Rounded out to whole pages: a 4 KiB range of a 2 MiB page
+                // (KVM's dirty log on hugetlbfs) saves the huge page.
                 let (a, b) = (s / ps, e.div_ceil(ps).min(t.pages));
-                if a >= b {
-                    continue;
+                if a < b {
+                    sh.claimed
+                        .clear_range((t.first + a) as usize, (t.first + b) as usize);
+                    sh.done
+                        .clear_range((t.first + a) as usize, (t.first + b) as usize);
                 }
-                sh.claimed
-                    .clear_range((t.first + a) as usize, (t.first + b) as usize);
-                sh.done
-                    .clear_range((t.first + a) as usize, (t.first + b) as usize);
-                inside += b - a;
             }
         }
-        sh.outside
-            .store(sh.regions.total() - inside, Ordering::Relaxed);
-        sh.done_count
-            .store(sh.regions.total() - inside, Ordering::Relaxed);
+        // Counted from the bitmap: several ranges may share a page.
+        let outside = sh.claimed.count() as u64;
+        sh.outside.store(outside, Ordering::Relaxed);
+        sh.done_count.store(outside, Ordering::Relaxed);
         for (t, zeros) in sh.regions.iter().zip(&scope.zeros) {
             let ps = t.page_size as u64;
             for (s, e) in zeros.iter() {
@@ -252,8 +251,11 @@ impl Prepared {
                 if runs <= MAX_RANGE_IOCTLS {
                     let mut out = Vec::with_capacity(runs);
                     for (t, ranges) in sh.regions.iter().zip(&sc.pages) {
+                        let ps = t.page_size as u64;
                         for (s, e) in ranges.iter() {
-                            let e = e.min(t.region.len() as u64);
+                            // Whole pages (a 4 KiB range of a huge page protects it).
+                            let s = s / ps * ps;
+                            let e = e.div_ceil(ps).saturating_mul(ps).min(t.region.len() as u64);
                             if s < e {
                                 out.push((t.region.addr() + s as usize, (e - s) as usize));
                             }
