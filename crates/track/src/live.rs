@@ -153,13 +153,6 @@ impl LiveCheckpoints {
         }
     }
 
-    /// Starts a chain on top of an existing image (the next checkpoint is a
-    /// delta of it).
-    pub fn with_parent(mut self, parent: Option<ImageId>) -> LiveCheckpoints {
-        self.parent = parent;
-        self
-    }
-
     /// "live" or "paused": how checkpoints with `tracker` are saved.
     pub fn mode(&self, tracker: &dyn Tracker) -> &'static str {
         if self.live_support(tracker) == LiveSupport::None {

@@ -261,25 +261,22 @@ impl DirtyTracker {
                     set.insert(s, e);
                 }
             }
+            // Of those, zeros for sure: private memory with no page nor swap
+            // entry left, or a hole of the memfd behind shared memory.
             let mut zeros = RangeSet::new();
+            let mut unbacked = gone.clone();
+            if !r.kind().has_page_cache() {
+                for (a, b) in swapped.iter() {
+                    unbacked.remove(a, b);
+                }
+            }
             for (s, e) in gone.iter() {
                 set.insert(s - base, e - base);
-                // Zeros for sure: private memory with no page nor swap entry
-                // left, or a hole of the memfd behind shared memory.
+            }
+            for (s, e) in unbacked.iter() {
                 let (off, len) = ((s - base) as usize, (e - s) as usize);
-                if r.kind().has_page_cache() {
-                    if r.is_hole(off, len) {
-                        zeros.insert(s - base, e - base);
-                    }
-                } else {
-                    let mut z = RangeSet::new();
-                    z.insert(s, e);
-                    for (a, b) in swapped.iter() {
-                        z.remove(a, b);
-                    }
-                    for (a, b) in z.iter() {
-                        zeros.insert(a - base, b - base);
-                    }
+                if !r.kind().has_page_cache() || r.is_hole(off, len) {
+                    zeros.insert(s - base, e - base);
                 }
             }
             // What was reported gone stays in the baseline: it has no page to

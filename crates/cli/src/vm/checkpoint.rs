@@ -23,48 +23,13 @@ use crate::table::Table;
 pub struct CheckpointReport {
     /// Steps per vCPU at the instant.
     pub at_steps: Vec<u64>,
-    /// The vCPUs' pause at the instant: state save plus the checkpoint's own
-    /// pause (harvest, hand-over, arming).
-    pub pause_ms: f64,
     /// Saving the vCPU state.
     pub state_ms: f64,
-    /// The checkpoint (its `pause_ms` excludes the state save).
+    /// The checkpoint; its `pause_ms` is widened to the vCPUs' whole pause
+    /// at the instant: the state save plus the checkpoint's own pause
+    /// (harvest, hand-over, arming).
     #[serde(flatten)]
-    pub live: LiveReportFields,
-}
-
-/// [`LiveReport`] without its `pause_ms`, which [`CheckpointReport`] widens.
-#[derive(Debug, Serialize)]
-pub struct LiveReportFields {
-    pub image: String,
-    pub parent: Option<String>,
-    pub mode: &'static str,
-    pub tracker: &'static str,
-    pub dirty_bytes: u64,
-    pub collect_ms: f64,
-    pub waited_ms: f64,
-    pub arm_ms: f64,
-    pub write_ms: f64,
-    pub handback_ms: f64,
-    pub stats: livepage_track::CheckpointStats,
-}
-
-impl From<LiveReport> for LiveReportFields {
-    fn from(r: LiveReport) -> Self {
-        LiveReportFields {
-            image: r.image.display().to_string(),
-            parent: r.parent,
-            mode: r.mode,
-            tracker: r.tracker,
-            dirty_bytes: r.dirty_bytes,
-            collect_ms: r.collect_ms,
-            waited_ms: r.waited_ms,
-            arm_ms: r.arm_ms,
-            write_ms: r.write_ms,
-            handback_ms: r.handback_ms,
-            stats: r.stats,
-        }
-    }
+    pub live: LiveReport,
 }
 
 /// What a checkpoint run needs.
@@ -100,9 +65,8 @@ pub fn run(
             let (at_steps, state_ms, pause_ms) = taken.pop_front().unwrap_or_default();
             out.push(CheckpointReport {
                 at_steps,
-                pause_ms,
                 state_ms,
-                live: r.into(),
+                live: LiveReport { pause_ms, ..r },
             });
         }
     };
@@ -186,14 +150,14 @@ pub fn table(checkpoints: &[CheckpointReport]) -> String {
     for cp in checkpoints {
         let l = &cp.live;
         c.row([
-            l.image.clone(),
+            l.image.display().to_string(),
             if l.parent.is_some() { "delta" } else { "base" }.to_string(),
             l.mode.to_string(),
             format!("{:?}", cp.at_steps),
             format!("{} KiB", l.dirty_bytes >> 10),
             l.stats.data_pages.to_string(),
             format!("{:.2}", l.collect_ms),
-            format!("{:.2}", cp.pause_ms),
+            format!("{:.2}", l.pause_ms),
             format!("{:.1}", l.write_ms),
             l.stats.faults.to_string(),
             format!("{:.3}", l.handback_ms),
