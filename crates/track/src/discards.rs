@@ -10,8 +10,14 @@
 //! tracker also subscribes to EVENT_REMOVE: one thread reads the events (the
 //! discarding thread waits only for that read) and logs the ranges, which
 //! the next collects report.
+//!
+//! The kernel wakes the discarding thread when the event is *read*, before
+//! the log has it: a collect right after the discard returns would miss it.
+//! So the event thread holds a guard from before each read until its events
+//! are logged ([`Policy::before_read`]), and [`DiscardLog::take`] takes that
+//! guard first: any discard that has returned is in the log it takes.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use livepage_mem::RangeSet;
 use livepage_runtime::{Cx, Fault, Policy};
@@ -25,6 +31,8 @@ pub(crate) struct DiscardLog {
     /// Discarded byte ranges per region, relative to its start, since the
     /// last [`DiscardLog::take`].
     log: Mutex<Vec<RangeSet>>,
+    /// Held across each read of events and their logging.
+    reading: Mutex<()>,
 }
 
 impl DiscardLog {
@@ -34,6 +42,7 @@ impl DiscardLog {
             fds: [uffd],
             spans,
             log: Mutex::new(vec![RangeSet::new(); n]),
+            reading: Mutex::new(()),
         }
     }
 
@@ -43,10 +52,7 @@ impl DiscardLog {
 
     /// Logs a discard of `[start, end)` (absolute addresses).
     pub(crate) fn record(&self, start: u64, end: u64) {
-        let mut log = match self.log.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut log = lock(&self.log);
         for (i, &(a, b)) in self.spans.iter().enumerate() {
             let (lo, hi) = (start.max(a), end.min(b));
             if lo < hi {
@@ -57,10 +63,9 @@ impl DiscardLog {
 
     /// The ranges logged since the previous call, per region.
     pub(crate) fn take(&self) -> Vec<RangeSet> {
-        let mut log = match self.log.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        // Events read but not logged yet are logged before this returns.
+        let _reading = lock(&self.reading);
+        let mut log = lock(&self.log);
         let n = log.len();
         std::mem::replace(&mut *log, vec![RangeSet::new(); n])
     }
@@ -79,9 +84,20 @@ impl Policy for DiscardLog {
     /// from the instant a tracker lends its protection (writers paused).
     fn fault(&self, _: &mut Cx<'_, Self>, _: &mut (), _: Fault) {}
 
+    fn before_read(&self, _fd: usize) -> Option<MutexGuard<'_, ()>> {
+        Some(lock(&self.reading))
+    }
+
     fn event(&self, _fd: usize, event: Event) {
         if let Event::Remove { start, end } = event {
             self.record(start, end);
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
