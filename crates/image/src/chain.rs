@@ -6,15 +6,18 @@ use std::path::{Path, PathBuf};
 
 use crate::error::io;
 use crate::le::u32_at;
-use crate::{HEADER_SIZE, Image, ImageError, ImageId, ImageWriter, MAGIC, PageState};
+use crate::{
+    HEADER_SIZE, Image, ImageError, ImageId, ImageWriter, MAGIC, PageState, STANDS_FOR_AT,
+};
 
 /// What the header of a file says, read without opening the whole image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peek {
     /// Not a livepage image (or unreadable).
     Other,
-    /// An intact header with this id.
-    Intact(ImageId),
+    /// An intact header with this id (and, for a folded image, the id of
+    /// the delta it stands for).
+    Intact(ImageId, Option<ImageId>),
     /// A livepage header that fails its checksum; the id it claims.
     Damaged(ImageId),
 }
@@ -32,7 +35,10 @@ fn peek(path: &Path) -> Peek {
     let intact = f.read_exact_at(&mut h, 0).is_ok()
         && u32_at(&h, HEADER_SIZE as usize - 4) == crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
     if intact {
-        Peek::Intact(ImageId(id))
+        let mut s = [0u8; 16];
+        s.copy_from_slice(&h[STANDS_FOR_AT..STANDS_FOR_AT + 16]);
+        let s = (u32_at(&h, 8) >= 2 && s != [0; 16]).then_some(ImageId(s));
+        Peek::Intact(ImageId(id), s)
     } else {
         Peek::Damaged(ImageId(id))
     }
@@ -42,7 +48,7 @@ fn peek(path: &Path) -> Peek {
 /// livepage image header (used to find a delta's parent).
 pub fn peek_id(path: &Path) -> Option<ImageId> {
     match peek(path) {
-        Peek::Intact(id) => Some(id),
+        Peek::Intact(id, _) => Some(id),
         _ => None,
     }
 }
@@ -78,9 +84,17 @@ impl Chain {
                     (p, k)
                 })
                 .collect();
+            // A folded image standing for the parent is preferred to the
+            // parent itself, if both are there (a fold stopped before it
+            // removed what it replaced): it needs no ancestors.
             let found = files
                 .iter()
-                .find(|(_, k)| *k == Peek::Intact(pid))
+                .find(|(_, k)| matches!(k, Peek::Intact(_, Some(s)) if *s == pid))
+                .or_else(|| {
+                    files
+                        .iter()
+                        .find(|(_, k)| matches!(k, Peek::Intact(id, _) if *id == pid))
+                })
                 .map(|(p, _)| p.clone());
             let Some(ppath) = found else {
                 // The parent may be there with a damaged header: say so.

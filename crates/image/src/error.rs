@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{ImageId, VERSION};
+use crate::{ImageId, OLDEST_VERSION, VERSION};
 
 /// Why an image could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,9 @@ pub enum ImageError {
     #[error("{0} is not a livepage image (bad magic)")]
     NotAnImage(PathBuf),
     /// A format version this build cannot read.
-    #[error("{path} is image format version {found}; this build reads version {VERSION}")]
+    #[error(
+        "{path} is image format version {found}; this build reads versions {OLDEST_VERSION} to {VERSION} (a newer livepage wrote it: read it with that one)"
+    )]
     Version {
         /// The file.
         path: PathBuf,
@@ -173,6 +175,28 @@ pub enum ImageError {
     /// The writer was finished already.
     #[error("the image is already finished")]
     Finished,
+    /// The disk filled up while writing an image; nothing was published.
+    #[error(
+        "the file system holding {path} is full ({what}; the image takes up to {need} bytes); every existing image is intact: free space there and try again (a fold needs room for one full image beside its chain)"
+    )]
+    NoSpace {
+        /// The image being written.
+        path: PathBuf,
+        /// The step.
+        what: &'static str,
+        /// Bytes the image needed in all.
+        need: u64,
+    },
+    /// Two images that cannot be folded together.
+    #[error("cannot fold {child} into {base}: {why}")]
+    NotFoldable {
+        /// The parent.
+        base: PathBuf,
+        /// The delta.
+        child: PathBuf,
+        /// Why not.
+        why: &'static str,
+    },
     /// A chain too long to be anything but a cycle.
     #[error("image chain longer than {0} images (a cycle?)")]
     ChainTooLong(usize),

@@ -1,4 +1,4 @@
-//! The livepage image format (version 1); the layout is documented in
+//! The livepage image format (version 2); the layout is documented in
 //! `docs/FORMAT.md`.
 //!
 //! An image holds the pages of one or more memory regions. Each page lives at
@@ -9,18 +9,25 @@
 //! carries the test VM's vCPU state. A delta names its parent by the parent's
 //! content hash ([`ImageId`]).
 //!
-//! [`ImageWriter`] writes crash-safely (a temporary file in the destination
-//! directory, fsync, rename, fsync of the directory) and never replaces an
-//! existing file; [`Image`] validates everything it reads and reports
-//! corruption with the page and file offset.
+//! [`ImageWriter`] writes crash-safely (an unnamed temporary file in the
+//! destination directory, fsync, link under its name, fsync of the
+//! directory) and never replaces an existing file; [`Image`] validates
+//! everything it reads and reports corruption with the page and file offset.
+//! [`fold`] merges the oldest delta of a chain into its parent, and
+//! [`Retainer`] keeps the last N checkpoints of a chain that way in the
+//! background.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod chain;
 mod error;
+mod fold;
+#[cfg(test)]
+mod fold_tests;
 mod format;
 pub mod le;
 mod reader;
+mod retain;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -29,19 +36,28 @@ use serde::Serialize;
 
 pub use chain::{Chain, peek_id};
 pub use error::ImageError;
+pub use fold::{FoldProgress, FoldReport, fold};
 pub use reader::Image;
+pub use retain::{RetainReport, Retainer, retain};
 pub use writer::ImageWriter;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"LIVEPAGE";
-/// Format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// Format version this build writes (it reads [`OLDEST_VERSION`] to this).
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_SIZE: u64 = 4096;
 pub(crate) const REGION_TABLE_AT: usize = 120;
 pub(crate) const REGION_ENTRY: usize = 48;
+/// Where a folded image keeps the id of the parent it was folded from
+/// (version 2).
+pub(crate) const FOLDED_FROM_AT: usize = 4056;
+/// Where a folded image keeps the id of the delta it stands for (version 2).
+pub(crate) const STANDS_FOR_AT: usize = 4072;
 /// Most regions an image can describe.
-pub const MAX_REGIONS: usize = (HEADER_SIZE as usize - 4 - REGION_TABLE_AT) / REGION_ENTRY;
+pub const MAX_REGIONS: usize = (FOLDED_FROM_AT - REGION_TABLE_AT) / REGION_ENTRY;
 pub(crate) const INDEX_ENTRY: u64 = 8;
 
 /// Memory type codes stored per region.

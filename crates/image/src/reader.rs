@@ -9,8 +9,8 @@ use crate::error::io;
 use crate::format::{Layout, image_id};
 use crate::le::{u32_at, u64_at};
 use crate::{
-    HEADER_SIZE, INDEX_ENTRY, ImageError, ImageId, MAGIC, MAX_REGIONS, PageState, REGION_ENTRY,
-    REGION_TABLE_AT, RegionDesc, VERSION,
+    FOLDED_FROM_AT, HEADER_SIZE, INDEX_ENTRY, ImageError, ImageId, MAGIC, MAX_REGIONS,
+    OLDEST_VERSION, PageState, REGION_ENTRY, REGION_TABLE_AT, RegionDesc, STANDS_FOR_AT, VERSION,
 };
 
 /// An image opened for reading; the header, region table and index are
@@ -18,10 +18,12 @@ use crate::{
 #[derive(Debug)]
 pub struct Image {
     pub(crate) path: PathBuf,
-    file: File,
+    pub(crate) file: File,
     pub(crate) layout: Layout,
     id: ImageId,
     parent: Option<ImageId>,
+    stands_for: Option<ImageId>,
+    folded_from: Option<ImageId>,
     created: u64,
     pub(crate) index: Vec<(PageState, u32)>,
     vm_state: Option<Vec<u8>>,
@@ -65,7 +67,7 @@ impl Image {
             });
         }
         let version = u32_at(&h, 8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(ImageError::Version {
                 path: path.to_path_buf(),
                 found: version,
@@ -158,6 +160,25 @@ impl Image {
                 .map_err(|_| corrupt("header", "parent".into()))?,
         );
         let is_delta = u32_at(&h, 12) == 1;
+        // Version 1 left these bytes zero.
+        let stands_for = ImageId(
+            h[STANDS_FOR_AT..STANDS_FOR_AT + 16]
+                .try_into()
+                .map_err(|_| corrupt("header", "stands-for id".into()))?,
+        );
+        let stands_for = (version >= 2 && stands_for != ImageId::default()).then_some(stands_for);
+        let folded_from = ImageId(
+            h[FOLDED_FROM_AT..FOLDED_FROM_AT + 16]
+                .try_into()
+                .map_err(|_| corrupt("header", "folded-from id".into()))?,
+        );
+        let folded_from = stands_for.and(Some(folded_from));
+        if stands_for.is_some() && is_delta {
+            return Err(corrupt(
+                "header",
+                "a delta claims to stand for a folded image".into(),
+            ));
+        }
         if !is_delta && index.iter().any(|(s, _)| *s == PageState::Parent) {
             return Err(corrupt("index", "a full image refers to a parent".into()));
         }
@@ -195,6 +216,8 @@ impl Image {
             layout,
             id,
             parent: is_delta.then_some(parent_id),
+            stands_for,
+            folded_from,
             created: u64_at(&h, 56),
             index,
             vm_state,
@@ -213,6 +236,20 @@ impl Image {
     /// The parent's id, for a delta.
     pub fn parent(&self) -> Option<ImageId> {
         self.parent
+    }
+    /// For a full image folded from a chain: the id of the delta it
+    /// replaced, which that delta's children name as their parent.
+    pub fn stands_for(&self) -> Option<ImageId> {
+        self.stands_for
+    }
+    /// For a folded image: the id of the parent it was folded from (removed
+    /// by the fold; a copy left by an interrupted fold is swept).
+    pub fn folded_from(&self) -> Option<ImageId> {
+        self.folded_from
+    }
+    /// Whether a delta naming `id` as its parent can use this image.
+    pub fn answers_to(&self, id: ImageId) -> bool {
+        self.id == id || self.stands_for == Some(id)
     }
     /// Creation time (Unix seconds).
     pub fn created(&self) -> u64 {

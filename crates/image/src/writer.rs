@@ -1,8 +1,11 @@
-//! Writing an image crash-safely: a temporary file in the destination
-//! directory, fsync, rename, fsync of the directory; never over an
-//! existing file.
+//! Writing an image crash-safely: an unnamed temporary file (`O_TMPFILE`)
+//! in the destination directory, fsync, a link under its name, fsync of the
+//! directory; never over an existing file. A process killed while writing
+//! leaves nothing behind. Where the file system has no `O_TMPFILE`, a named
+//! `.NAME.tmp.PID` file is renamed instead (and removed if abandoned).
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,19 +13,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::io;
 use crate::format::{Layout, image_id};
 use crate::{
-    HEADER_SIZE, INDEX_ENTRY, ImageError, ImageId, MAGIC, PageState, REGION_TABLE_AT, RegionDesc,
-    VERSION,
+    FOLDED_FROM_AT, HEADER_SIZE, INDEX_ENTRY, ImageError, ImageId, MAGIC, PageState,
+    REGION_TABLE_AT, RegionDesc, STANDS_FOR_AT, VERSION,
 };
+
+/// Where the pages go until the image is published.
+#[derive(Debug)]
+enum Temp {
+    /// An `O_TMPFILE` file: no name until it is linked.
+    Unnamed,
+    /// A named temporary file (no `O_TMPFILE` on this file system).
+    Named(PathBuf),
+}
 
 /// Writes an image. Methods take `&self` so that several threads can store
 /// pages at once; the file only appears under its name after [`ImageWriter::finish`].
 #[derive(Debug)]
 pub struct ImageWriter {
     path: PathBuf,
-    tmp: PathBuf,
-    file: File,
+    dir: PathBuf,
+    temp: Temp,
+    pub(crate) file: File,
     pub(crate) layout: Layout,
     parent: Option<ImageId>,
+    /// A folded image: the ids of the delta it stands for and of the
+    /// parent it was folded from.
+    folded: Option<(ImageId, ImageId)>,
+    /// Creation time to record (default: when finished).
+    created: Option<u64>,
     /// Per page: state << 32 | crc32c.
     index: Vec<AtomicU64>,
     vm_state: std::sync::Mutex<Vec<u8>>,
@@ -38,28 +56,35 @@ impl ImageWriter {
         regions: &[RegionDesc],
         parent: Option<ImageId>,
     ) -> Result<ImageWriter, ImageError> {
-        let layout = Layout::new(regions)?;
         if path.exists() {
             return Err(ImageError::Exists(path.to_path_buf()));
         }
+        ImageWriter::start(path, regions, parent)
+    }
+
+    /// Starts a full image that will replace the file at `path`
+    /// ([`ImageWriter::finish_replacing`]).
+    pub(crate) fn create_replacement(
+        path: &Path,
+        regions: &[RegionDesc],
+    ) -> Result<ImageWriter, ImageError> {
+        ImageWriter::start(path, regions, None)
+    }
+
+    fn start(
+        path: &Path,
+        regions: &[RegionDesc],
+        parent: Option<ImageId>,
+    ) -> Result<ImageWriter, ImageError> {
+        let layout = Layout::new(regions)?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = path
-            .file_name()
-            .ok_or_else(|| ImageError::NotAFile(path.to_path_buf()))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
+        if path.file_name().is_none() {
+            return Err(ImageError::NotAFile(path.to_path_buf()));
+        }
+        let (file, temp) = open_temp(&dir, path)?;
         let initial = if parent.is_some() {
             PageState::Parent
         } else {
@@ -70,19 +95,59 @@ impl ImageWriter {
             .collect();
         let w = ImageWriter {
             path: path.to_path_buf(),
-            tmp,
+            dir,
+            temp,
             file,
             layout,
             parent,
+            folded: None,
+            created: None,
             index,
             vm_state: std::sync::Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
             finished: std::sync::atomic::AtomicBool::new(false),
         };
-        w.file
-            .set_len(w.layout.data_end)
-            .map_err(io("sizing", &w.tmp))?;
+        w.file.set_len(w.layout.data_end).map_err(w.err("sizing"))?;
         Ok(w)
+    }
+
+    /// Marks a full image folded from a chain as standing for the delta
+    /// `id`, folded from the parent `from` (see [`crate::fold`]), created
+    /// at `created`.
+    pub(crate) fn folded(mut self, id: ImageId, from: ImageId, created: u64) -> ImageWriter {
+        self.folded = Some((id, from));
+        self.created = Some(created);
+        self
+    }
+
+    /// The error of step `what` on this image (a full disk said so).
+    pub(crate) fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+        move |source| {
+            if source.kind() == std::io::ErrorKind::StorageFull {
+                return ImageError::NoSpace {
+                    path: self.path.clone(),
+                    what,
+                    need: self.layout.data_end,
+                };
+            }
+            let path = match &self.temp {
+                Temp::Named(t) => t.clone(),
+                Temp::Unnamed => self.path.clone(),
+            };
+            ImageError::Io { what, path, source }
+        }
+    }
+
+    /// Records page `global` as data already in the file with crc `crc`
+    /// (pages copied into place by [`crate::fold`]).
+    pub(crate) fn mark_data(&self, global: u64, crc: u32, bytes: u64) {
+        if let Some(e) = self.index.get(global as usize) {
+            e.store(
+                (u64::from(PageState::Data.code()) << 32) | u64::from(crc),
+                Ordering::Release,
+            );
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// Total pages (all regions).
@@ -111,7 +176,7 @@ impl ImageWriter {
         }
         self.file
             .write_all_at(data, self.layout.offset(r, p))
-            .map_err(io("writing", &self.tmp))?;
+            .map_err(self.err("writing"))?;
         let crc = crc32c::crc32c(data);
         self.index[global as usize].store(
             (u64::from(PageState::Data.code()) << 32) | u64::from(crc),
@@ -146,7 +211,7 @@ impl ImageWriter {
         }
         self.file
             .write_all_at(data, self.layout.offset(r, p))
-            .map_err(io("writing", &self.tmp))?;
+            .map_err(self.err("writing"))?;
         for (k, page) in data.chunks(ps as usize).enumerate() {
             let crc = crc32c::crc32c(page);
             self.index[global as usize + k].store(
@@ -203,9 +268,25 @@ impl ImageWriter {
         }
     }
 
-    /// Writes the index, VM state and header, syncs, and renames the file into
-    /// place. Returns the new image's id. Call once, after every page is stored.
+    /// Writes the index, VM state and header, syncs, and links the file
+    /// under its name (refusing if the name appeared meanwhile). Returns the
+    /// new image's id. Call once, after every page is stored.
     pub fn finish(&self) -> Result<ImageId, ImageError> {
+        let id = self.seal()?;
+        self.publish(false)?;
+        Ok(id)
+    }
+
+    /// As [`ImageWriter::finish`], but atomically replaces the file at the
+    /// path (a fold replacing the delta it stands for).
+    pub(crate) fn finish_replacing(&self) -> Result<ImageId, ImageError> {
+        let id = self.seal()?;
+        self.publish(true)?;
+        Ok(id)
+    }
+
+    /// Writes the index, VM state and header and syncs the file.
+    fn seal(&self) -> Result<ImageId, ImageError> {
         if self.finished.load(Ordering::SeqCst) {
             return Err(ImageError::Finished);
         }
@@ -237,7 +318,7 @@ impl ImageWriter {
         }
         self.file
             .write_all_at(&tail, index_offset)
-            .map_err(io("writing the index of", &self.tmp))?;
+            .map_err(self.err("writing the index"))?;
 
         let mut h = vec![0u8; HEADER_SIZE as usize];
         h[0..8].copy_from_slice(MAGIC);
@@ -249,7 +330,7 @@ impl ImageWriter {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        h[56..64].copy_from_slice(&now.to_le_bytes());
+        h[56..64].copy_from_slice(&self.created.unwrap_or(now).to_le_bytes());
         for (at, v) in [
             (64, index_offset),
             (72, index_len),
@@ -262,31 +343,111 @@ impl ImageWriter {
             h[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
         h[REGION_TABLE_AT..REGION_TABLE_AT + table.len()].copy_from_slice(&table);
+        if let Some((stands_for, from)) = self.folded {
+            h[STANDS_FOR_AT..STANDS_FOR_AT + 16].copy_from_slice(&stands_for.0);
+            h[FOLDED_FROM_AT..FOLDED_FROM_AT + 16].copy_from_slice(&from.0);
+        }
         let crc = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
         h[HEADER_SIZE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
         self.file
             .write_all_at(&h, 0)
-            .map_err(io("writing the header of", &self.tmp))?;
-        self.file.sync_all().map_err(io("syncing", &self.tmp))?;
-        if self.path.exists() {
-            return Err(ImageError::Exists(self.path.clone()));
+            .map_err(self.err("writing the header"))?;
+        self.file.sync_all().map_err(self.err("syncing"))?;
+        Ok(id)
+    }
+
+    /// Gives the synced file its name: a link of the unnamed file (or a
+    /// rename of the named one). `replace`: over the file at the path,
+    /// through a transient `.NAME.fold` name, since a link cannot replace.
+    fn publish(&self, replace: bool) -> Result<(), ImageError> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staged = self.dir.join(format!(".{name}.fold"));
+        let target = if replace { &staged } else { &self.path };
+        if replace {
+            // Left by a fold killed between its link and its rename.
+            let _ = std::fs::remove_file(&staged);
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(io("renaming into place", &self.path))?;
-        self.finished.store(true, Ordering::SeqCst);
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
+        match &self.temp {
+            Temp::Unnamed => {
+                let proc = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    proc.as_str(),
+                    rustix::fs::CWD,
+                    target,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(|e| match e {
+                    rustix::io::Errno::EXIST => ImageError::Exists(target.clone()),
+                    e => self.err("linking into place")(e.into()),
+                })?;
+            }
+            Temp::Named(tmp) => {
+                if target.exists() {
+                    return Err(ImageError::Exists(target.clone()));
+                }
+                std::fs::rename(tmp, target).map_err(io("renaming into place", target))?;
             }
         }
-        Ok(id)
+        self.finished.store(true, Ordering::SeqCst);
+        if replace {
+            std::fs::rename(&staged, &self.path).map_err(io("renaming into place", &self.path))?;
+        }
+        sync_dir(&self.dir);
+        Ok(())
+    }
+}
+
+/// Opens the temporary file of `path` in `dir`: unnamed where the file
+/// system allows it.
+fn open_temp(dir: &Path, path: &Path) -> Result<(File, Temp), ImageError> {
+    use rustix::fs::{Mode, OFlags};
+    match rustix::fs::openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    ) {
+        Ok(fd) => return Ok((File::from(fd), Temp::Unnamed)),
+        // No O_TMPFILE here (EOPNOTSUPP; EISDIR on kernels without it).
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR) => {}
+        Err(e) => return Err(io("creating a temporary file in", dir)(e.into())),
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| ImageError::NotAFile(path.to_path_buf()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io("creating", &tmp))?;
+    Ok((file, Temp::Named(tmp)))
+}
+
+/// Makes a directory's entries durable (best effort).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
 impl Drop for ImageWriter {
     fn drop(&mut self) {
-        if !self.finished.load(Ordering::SeqCst) {
-            // An abandoned image leaves nothing behind.
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Temp::Named(tmp) = &self.temp {
+            if !self.finished.load(Ordering::SeqCst) {
+                // An abandoned image leaves nothing behind.
+                let _ = std::fs::remove_file(tmp);
+            }
         }
     }
 }
