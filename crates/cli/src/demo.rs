@@ -63,6 +63,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         checkpoint_every: None,
         checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: None,
+        keep: None,
         tracker: None,
         migrate: Default::default(),
         json,
@@ -91,7 +92,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     }
 
     section(
-        "live incremental checkpoints of the running VM (WP_ASYNC + PAGEMAP_SCAN; the vCPUs pause for the harvest, the delta is saved while they run), then a resume from the middle one",
+        "live incremental checkpoints of the running VM (WP_ASYNC + PAGEMAP_SCAN; the vCPUs pause for the harvest, the delta is saved while they run; --keep 2 folds older deltas into their parents in the background), then a resume from the older kept one",
     );
     let ck = dir.join("checkpoints");
     let code = crate::vm::run::run(&RunArgs {
@@ -108,6 +109,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         checkpoint_every: Some(15_000),
         checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: Some(ck.clone()),
+        keep: std::num::NonZeroUsize::new(2),
         tracker: None,
         migrate: Default::default(),
         json,
@@ -207,6 +209,7 @@ fn migrate(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         checkpoint_every: None,
         checkpoint_mode: crate::vm::run::CheckpointMode::Live,
         checkpoint_dir: None,
+        keep: None,
         tracker: None,
         migrate: crate::vm::migrate::MigrateArgs {
             migrate_to: Some(addr),

@@ -13,6 +13,9 @@ struct Inspect<'a> {
     path: String,
     id: String,
     parent: Option<String>,
+    /// A folded image: the id of the delta it replaced (its children name it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stands_for: Option<String>,
     created_unix: u64,
     file_bytes: u64,
     pages: u64,
@@ -69,6 +72,7 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         path: path.display().to_string(),
         id: img.id().to_string(),
         parent: img.parent().map(|p| p.to_string()),
+        stands_for: img.stands_for().map(|p| p.to_string()),
         created_unix: img.created(),
         file_bytes: img.file_len(),
         pages: img.pages(),
@@ -102,6 +106,14 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| "none (full image)".into()),
     ]);
+    if let Some(s) = &out.stands_for {
+        t.row([
+            "stands for".to_string(),
+            format!(
+                "{s} (a delta folded into its parent; that delta's children find it by this id)"
+            ),
+        ]);
+    }
     t.row([
         "file size".to_string(),
         format!("{} bytes (sparse: zero pages are holes)", out.file_bytes),

@@ -12,6 +12,7 @@ mod metrics;
 mod migration;
 mod probe;
 mod progress;
+mod prune;
 mod serve_firecracker;
 mod table;
 mod verify;
@@ -60,6 +61,19 @@ enum Command {
         /// The merged image (must not exist).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep the last N checkpoints of a chain resumable: fold its oldest
+    /// deltas into their parents (write, fsync, rename; never in place) and
+    /// sweep what an interrupted fold left.
+    Prune {
+        /// The newest image of the chain.
+        image: std::path::PathBuf,
+        /// Checkpoints to keep (at least 1).
+        #[arg(long)]
+        keep: std::num::NonZeroUsize,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -191,6 +205,7 @@ fn main() -> ExitCode {
         Command::Inspect { image, json } => inspect::inspect(&image, json),
         Command::Verify { image, json } => verify::verify(&image, json),
         Command::Merge { image, out, json } => merge::merge(&image, &out, json),
+        Command::Prune { image, keep, json } => prune::prune(&image, keep, json),
         Command::ServeFirecracker(args) => serve_firecracker::run(&args),
         Command::ImportFirecracker(args) => import::run(&args),
         Command::Demo { json } => demo::run(json),

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livepage_image::ImageId;
+use std::num::NonZeroUsize;
+
+use livepage_image::{FoldReport, ImageError, ImageId, Retainer};
 use livepage_mem::{RangeSet, Region};
 use livepage_snapshot::{Protection, Scope, Snapshot, SnapshotOptions, Watch};
 use serde::Serialize;
@@ -51,6 +53,9 @@ pub struct LiveOptions {
     /// The snapshot engine's options (buffer bound, handler threads, …);
     /// the parent, VM state and protection are set per checkpoint.
     pub snapshot: SnapshotOptions,
+    /// Keep only the last N checkpoints resumable, folding older deltas
+    /// into their parents in the background (`None`: keep all).
+    pub keep: Option<NonZeroUsize>,
 }
 
 impl Default for LiveOptions {
@@ -58,6 +63,7 @@ impl Default for LiveOptions {
         LiveOptions {
             live: true,
             snapshot: SnapshotOptions::default(),
+            keep: None,
         }
     }
 }
@@ -66,6 +72,11 @@ impl LiveOptions {
     /// Sets whether deltas are saved live.
     pub fn live(mut self, on: bool) -> Self {
         self.live = on;
+        self
+    }
+    /// Keeps the last `n` checkpoints (see [`LiveOptions::keep`]).
+    pub fn keep(mut self, n: Option<NonZeroUsize>) -> Self {
+        self.keep = n;
         self
     }
     /// Sets the snapshot engine's options.
@@ -125,6 +136,8 @@ pub struct LiveCheckpoints {
     /// Pages of a failed checkpoint, owed to the next one.
     carry: Vec<RangeSet>,
     reports: Vec<LiveReport>,
+    /// Folds older checkpoints away (with [`LiveOptions::keep`]).
+    retainer: Option<Retainer>,
 }
 
 impl std::fmt::Debug for LiveCheckpoints {
@@ -150,6 +163,7 @@ impl LiveCheckpoints {
             inflight: None,
             carry: Vec::new(),
             reports: Vec::new(),
+            retainer: None,
         }
     }
 
@@ -196,6 +210,35 @@ impl LiveCheckpoints {
             .as_ref()
             .filter(|f| f.lent)
             .map(|f| f.snap.watch())
+    }
+
+    /// A checkpoint is complete: report it and retain its chain.
+    fn completed(&mut self, report: LiveReport) -> Result<(), TrackError> {
+        if let Some(keep) = self.opts.keep {
+            if self.retainer.is_none() {
+                self.retainer = Some(Retainer::start(keep)?);
+            }
+            if let Some(r) = &self.retainer {
+                r.submit(&report.image);
+            }
+        }
+        self.reports.push(report);
+        Ok(())
+    }
+
+    /// The background retention, with [`LiveOptions::keep`]: its progress,
+    /// folds and failures (a failed fold leaves every checkpoint whole).
+    pub fn retainer(&self) -> Option<&Retainer> {
+        self.retainer.as_ref()
+    }
+
+    /// Waits for the background retention to catch up with the last
+    /// checkpoint; returns its folds and failures not taken yet.
+    pub fn finish_retention(&mut self) -> (Vec<FoldReport>, Vec<ImageError>) {
+        match self.retainer.take() {
+            Some(r) => r.finish(),
+            None => (Vec::new(), Vec::new()),
+        }
     }
 
     /// Reports of the checkpoints finished since the last call, oldest first.
@@ -333,9 +376,10 @@ impl LiveCheckpoints {
                 return Err(e);
             }
         };
-        self.reports.push(LiveReport {
+        let parent = self.parent.replace(id);
+        self.completed(LiveReport {
             image: path.to_path_buf(),
-            parent: self.parent.map(|p| p.to_string()),
+            parent: parent.map(|p| p.to_string()),
             mode: "paused",
             tracker: tracker.name(),
             dirty_bytes: cstats.dirty_bytes,
@@ -346,9 +390,7 @@ impl LiveCheckpoints {
             write_ms: ms(stats.duration),
             handback_ms: 0.0,
             stats,
-        });
-        self.parent = Some(id);
-        Ok(())
+        })
     }
 
     /// With the workload paused: if the checkpoint in flight has saved every
@@ -414,8 +456,7 @@ impl LiveCheckpoints {
             peak_buffer_bytes: st.peak_buffer_bytes,
         };
         self.parent = Some(st.image_id);
-        self.reports.push(report);
-        Ok(())
+        self.completed(report)
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use livepage_image::FoldReport;
 use livepage_mem::Region;
 use livepage_testvm::{RunControl, RunOutcome, TestVm};
 use livepage_track::{LiveCheckpoints, LiveOptions, LiveReport, Tracker};
@@ -39,6 +40,18 @@ pub struct Plan<'a> {
     pub live: bool,
     pub buffer: u64,
     pub handlers: usize,
+    pub keep: Option<std::num::NonZeroUsize>,
+}
+
+/// The checkpoints of a run and what retention did.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    /// In order.
+    pub list: Vec<CheckpointReport>,
+    /// Folds (`--keep`).
+    pub folds: Vec<FoldReport>,
+    /// Folds that failed, each leaving the chain whole.
+    pub retention_errors: Vec<String>,
 }
 
 /// Runs the VM to the end, taking a checkpoint every `plan.every` steps per
@@ -49,21 +62,44 @@ pub fn run(
     tracker: &mut dyn Tracker,
     plan: &Plan<'_>,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<(RunOutcome, Vec<CheckpointReport>)> {
-    let opts = LiveOptions::default().live(plan.live).snapshot(
-        livepage_snapshot::SnapshotOptions::default()
-            .buffer_bytes(plan.buffer as usize)
-            .handler_threads(plan.handlers),
-    );
+) -> anyhow::Result<(RunOutcome, Checkpoints)> {
+    let opts = LiveOptions::default()
+        .live(plan.live)
+        .keep(plan.keep)
+        .snapshot(
+            livepage_snapshot::SnapshotOptions::default()
+                .buffer_bytes(plan.buffer as usize)
+                .handler_threads(plan.handlers),
+        );
     let mut cps = LiveCheckpoints::new(vec![region.clone()], opts);
     let vcpus = vm.spec().vcpus;
     // (at steps, state ms, vCPU pause ms) of each checkpoint taken, in order.
     let mut taken: VecDeque<(Vec<u64>, f64, f64)> = VecDeque::new();
-    let mut out = Vec::new();
+    let mut out = Checkpoints::default();
     let mut collect = |cps: &mut LiveCheckpoints, taken: &mut VecDeque<_>| {
+        if let Some(r) = cps.retainer() {
+            for f in r.take_folds() {
+                bar.println(fold_line(&f));
+                out.folds.push(f);
+            }
+            for e in r.take_failures() {
+                bar.println(format!("warning: {e}"));
+                out.retention_errors.push(e.to_string());
+            }
+            if let Some((image, p)) = r.progress() {
+                let name = image.file_name().map(|n| n.to_string_lossy().into_owned());
+                bar.set_message(format!(
+                    "folding into {}: {}%",
+                    name.unwrap_or_default(),
+                    (p.done * 100).checked_div(p.total).unwrap_or(100)
+                ));
+            } else {
+                bar.set_message("");
+            }
+        }
         for r in cps.take_reports() {
             let (at_steps, state_ms, pause_ms) = taken.pop_front().unwrap_or_default();
-            out.push(CheckpointReport {
+            out.list.push(CheckpointReport {
                 at_steps,
                 state_ms,
                 live: LiveReport { pause_ms, ..r },
@@ -101,7 +137,38 @@ pub fn run(
     cps.finish(tracker)
         .context("finishing the last checkpoint")?;
     collect(&mut cps, &mut taken);
+    let (folds, failures) = cps.finish_retention();
+    for f in folds {
+        bar.println(fold_line(&f));
+        out.folds.push(f);
+    }
+    out.retention_errors
+        .extend(failures.iter().map(ToString::to_string));
     Ok((outcome, out))
+}
+
+fn fold_line(f: &FoldReport) -> String {
+    format!(
+        "folded {} into {} ({:.1} MiB in {:.0} ms)",
+        f.base.display(),
+        f.image.display(),
+        f.bytes as f64 / (1 << 20) as f64,
+        f.duration_ms
+    )
+}
+
+/// The folds as a table.
+pub fn folds_table(folds: &[FoldReport]) -> String {
+    let mut t = Table::new(["folded into", "removed", "MiB", "fold ms"]);
+    for f in folds {
+        t.row([
+            f.image.display().to_string(),
+            f.base.display().to_string(),
+            format!("{:.1}", f.bytes as f64 / (1 << 20) as f64),
+            format!("{:.1}", f.duration_ms),
+        ]);
+    }
+    t.render()
 }
 
 /// Runs the VM until `control` stops it, pausing it as soon as `watch`

@@ -340,6 +340,8 @@ pub fn report(
         matches_reference: matches.unwrap_or(false),
         snapshot: None,
         checkpoints: Vec::new(),
+        folds: Vec::new(),
+        retention_errors: Vec::new(),
         migration: Some(m),
     };
     let m = report

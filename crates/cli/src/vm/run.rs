@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// Directory for the checkpoint chain (created; existing images are never overwritten).
     #[arg(long, requires = "checkpoint_every")]
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Keep only the last N checkpoints resumable: older deltas are folded
+    /// into their parents in the background (write, fsync, rename).
+    #[arg(long, requires = "checkpoint_every")]
+    pub keep: Option<std::num::NonZeroUsize>,
     /// How checkpoints and migration rounds find written pages (default: auto).
     #[arg(long, value_enum)]
     pub tracker: Option<TrackerArg>,
@@ -95,6 +99,12 @@ pub struct RunReport {
     pub snapshot: Option<SnapshotReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<super::checkpoint::CheckpointReport>,
+    /// Folds made to keep `--keep N` checkpoints.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<livepage_image::FoldReport>,
+    /// Folds that failed (each left every checkpoint intact).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retention_errors: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationReport>,
 }
@@ -284,7 +294,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         };
         return super::migrate::report(args, spec, &region, t0, m, out.finished_here.is_some());
     }
-    let mut checkpoints = Vec::new();
+    let mut checkpoints = super::checkpoint::Checkpoints::default();
     let mut outcome = RunOutcome::Paused;
     if let (Some(every), Some(dir)) = (args.checkpoint_every, &args.checkpoint_dir) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -304,6 +314,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             live: args.checkpoint_mode == CheckpointMode::Live,
             buffer: args.buffer.unwrap_or(DEFAULT_BUFFER),
             handlers: args.snapshot_handlers.unwrap_or(1),
+            keep: args.keep,
         };
         let (o, cps) = super::checkpoint::run(&mut vm, &region, tracker.as_mut(), &plan, &bar)?;
         outcome = o;
@@ -349,7 +360,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         expected_checksum: format!("{want:016x}"),
         matches_reference: sum == want,
         snapshot: snapshot_report,
-        checkpoints,
+        checkpoints: checkpoints.list,
+        folds: checkpoints.folds,
+        retention_errors: checkpoints.retention_errors,
         migration: None,
     };
     if args.json {
@@ -425,6 +438,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         if !report.checkpoints.is_empty() {
             print!("\n{}", super::checkpoint::table(&report.checkpoints));
         }
+        if !report.folds.is_empty() {
+            print!("\n{}", super::checkpoint::folds_table(&report.folds));
+        }
+    }
+    if let Some(e) = report.retention_errors.first() {
+        eprintln!(
+            "error: {} fold(s) failed, so more than --keep checkpoints remain (each one intact): {e}",
+            report.retention_errors.len()
+        );
+        return Ok(ExitCode::FAILURE);
     }
     if !report.matches_reference {
         eprintln!("error: the guest's memory does not match the host reference");
