@@ -13,7 +13,7 @@
 //! destination directory, fsync, link under its name, fsync of the
 //! directory) and never replaces an existing file; [`Image`] validates
 //! everything it reads and reports corruption with the page and file offset.
-//! [`fold`] merges the oldest delta of a chain into its parent, and
+//! [`fold()`] merges the oldest delta of a chain into its parent, and
 //! [`Retainer`] keeps the last N checkpoints of a chain that way in the
 //! background.
 #![forbid(unsafe_code)]

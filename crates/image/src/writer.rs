@@ -112,7 +112,7 @@ impl ImageWriter {
     }
 
     /// Marks a full image folded from a chain as standing for the delta
-    /// `id`, folded from the parent `from` (see [`crate::fold`]), created
+    /// `id`, folded from the parent `from` (see [`crate::fold()`]), created
     /// at `created`.
     pub(crate) fn folded(mut self, id: ImageId, from: ImageId, created: u64) -> ImageWriter {
         self.folded = Some((id, from));
@@ -139,7 +139,7 @@ impl ImageWriter {
     }
 
     /// Records page `global` as data already in the file with crc `crc`
-    /// (pages copied into place by [`crate::fold`]).
+    /// (pages copied into place by [`crate::fold()`]).
     pub(crate) fn mark_data(&self, global: u64, crc: u32, bytes: u64) {
         if let Some(e) = self.index.get(global as usize) {
             e.store(
