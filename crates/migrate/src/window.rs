@@ -129,13 +129,15 @@ impl Window {
     }
 
     /// Waits until there is room in the window (or acknowledgements
-    /// stalled, or `give_up` says stop). `rtt` is the base round trip.
-    pub(crate) fn wait_room(&self, rtt: Duration, give_up: impl Fn() -> bool) {
+    /// stalled, or `give_up` says stop). `rtt` is the base round trip;
+    /// the window holds at least `least` of the link's time (on a fast
+    /// link the round trip is shorter than the time to apply a chunk).
+    pub(crate) fn wait_room(&self, rtt: Duration, least: Duration, give_up: impl Fn() -> bool) {
         let Ok(mut s) = self.state.lock() else {
             return;
         };
         loop {
-            let cap = limit(s.rate, rtt);
+            let cap = limit(s.rate, rtt, least);
             if s.sent.saturating_sub(s.acked) < cap
                 || s.last_progress.elapsed() > STALL
                 || give_up()
@@ -150,16 +152,25 @@ impl Window {
     }
 }
 
-fn limit(rate: Option<f64>, rtt: Duration) -> u64 {
+fn limit(rate: Option<f64>, rtt: Duration, least: Duration) -> u64 {
     match rate {
-        // Until delivery is measured: a modest start.
-        None => 1 << 20,
+        // Until delivery is measured: a modest start (1 MiB filled a
+        // 100 Mbit/s link's 20 ms queue and put 3-8 ms on the first remote
+        // faults' p99), still a bandwidth-delay product of 100 Mbit/s at
+        // 10 ms or 1 Gbit/s at 1 ms, so the first measurement is the
+        // link's rate.
+        None => START,
         Some(r) => {
             let bdp = r * rtt.as_secs_f64();
-            ((1.0 * bdp) as u64).max((r * 0.001) as u64).max(FLOOR)
+            ((1.0 * bdp) as u64)
+                .max((r * least.as_secs_f64()) as u64)
+                .max(FLOOR)
         }
     }
 }
+
+/// The window before delivery is measured.
+const START: u64 = 128 << 10;
 
 /// The size of a pushed chunk: a millisecond of the link (16 KiB to
 /// `max`), so one chunk never holds an answer up for long.
@@ -183,14 +194,17 @@ mod tests {
     #[test]
     fn the_window_is_the_bandwidth_delay_product() {
         // 12.5 MB/s and 10 ms: a window of 125 KB.
-        let w = limit(Some(12.5e6), Duration::from_millis(10));
+        let ms = Duration::from_millis(1);
+        let w = limit(Some(12.5e6), Duration::from_millis(10), ms);
         assert_eq!(w, 125_000);
-        // A fast link with a short round trip: at least 1 ms of data.
-        let w = limit(Some(125e6), Duration::from_micros(300));
+        // A fast link with a short round trip: at least `least` of data.
+        let w = limit(Some(125e6), Duration::from_micros(300), ms);
         assert_eq!(w, 125_000);
+        let w = limit(Some(125e6), Duration::from_micros(300), 4 * ms);
+        assert_eq!(w, 500_000);
         // Slow and short: the floor.
-        assert_eq!(limit(Some(1e6), Duration::from_millis(1)), FLOOR);
-        assert_eq!(limit(None, Duration::from_millis(1)), 1 << 20);
+        assert_eq!(limit(Some(1e6), ms, ms), FLOOR);
+        assert_eq!(limit(None, ms, ms), START);
         // Chunks: a millisecond of the link.
         assert_eq!(chunk(Some(12.5e6), 256 << 10), 16 << 10);
         assert_eq!(chunk(Some(125e6), 256 << 10), 125_000);
@@ -219,7 +233,9 @@ mod tests {
         assert!((8e6..10.5e6).contains(&rate), "{rate}");
         // All acknowledged: room, no wait.
         let t = Instant::now();
-        w.wait_room(Duration::from_millis(10), || false);
+        w.wait_room(Duration::from_millis(10), Duration::from_millis(1), || {
+            false
+        });
         assert!(t.elapsed() < Duration::from_millis(50));
     }
 
@@ -228,7 +244,9 @@ mod tests {
         let w = Window::default();
         w.on_sent(8 << 20);
         let t = Instant::now();
-        w.wait_room(Duration::from_millis(10), || false);
+        w.wait_room(Duration::from_millis(10), Duration::from_millis(1), || {
+            false
+        });
         // No acknowledgement at all: it goes on after the stall limit.
         assert!(
             t.elapsed() >= STALL - Duration::from_millis(20),
@@ -239,7 +257,7 @@ mod tests {
         let t = Instant::now();
         w.reset();
         w.on_sent(8 << 20);
-        w.wait_room(Duration::from_millis(10), || {
+        w.wait_room(Duration::from_millis(10), Duration::from_millis(1), || {
             stop.load(std::sync::atomic::Ordering::SeqCst)
         });
         assert!(t.elapsed() < Duration::from_millis(50));

@@ -7,6 +7,13 @@
 //! - [`Cut::Reset`]: every connection is reset both ways, new ones too;
 //! - [`Cut::HalfOpen`]: the target's side is reset, the client's side stays
 //!   open and silent (it learns nothing until its own timers fire).
+//!
+//! A delay line in user space is only as faithful as its threads are
+//! punctual. The pump threads ask for real-time scheduling (SCHED_FIFO,
+//! when allowed) so that a busy machine does not add its wake-up latency to
+//! the path, and the relay measures how late each chunk left against its
+//! due time ([`RelayStats::late_p99_us`]): the part of a measured latency
+//! that is the lab's, not the software under test.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,6 +46,17 @@ pub struct RelayStats {
     pub up: u64,
     /// Bytes target → client.
     pub down: u64,
+    /// How late chunks that waited in the delay line left it against their
+    /// due time, in microseconds (the line's own punctuality; chunks held
+    /// up by the link behind them are not counted): median, 99th
+    /// percentile, maximum.
+    pub late_p50_us: u64,
+    /// See `late_p50_us`.
+    pub late_p99_us: u64,
+    /// See `late_p50_us`.
+    pub late_max_us: u64,
+    /// Whether the pump threads got real-time scheduling.
+    pub realtime: bool,
 }
 
 struct Pair {
@@ -59,6 +77,28 @@ struct Inner {
     connections: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
+    /// Lateness of each chunk, in microseconds (at most `MAX_SAMPLES`).
+    late: Mutex<Vec<u32>>,
+    realtime: AtomicBool,
+}
+
+const MAX_SAMPLES: usize = 1 << 21;
+
+/// Asks for SCHED_FIFO for the calling thread; whether it got it.
+fn realtime() -> bool {
+    use thread_priority::{
+        RealtimeThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let Ok(prio) = ThreadPriorityValue::try_from(20u8) else {
+        return false;
+    };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Crossplatform(prio),
+        ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
+    )
+    .is_ok()
 }
 
 /// A running relay.
@@ -104,6 +144,8 @@ impl Relay {
             connections: AtomicU64::new(0),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
+            late: Mutex::new(Vec::new()),
+            realtime: AtomicBool::new(false),
         });
         let (tx, rx) = sync_channel(1);
         let (i, ns) = (inner.clone(), ns.to_string());
@@ -205,10 +247,25 @@ impl Relay {
 
     /// Counters.
     pub fn stats(&self) -> RelayStats {
+        let mut late = self
+            .inner
+            .late
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        late.sort_unstable();
+        let q = |f: f64| {
+            late.get(((late.len() as f64 * f) as usize).min(late.len().saturating_sub(1)))
+                .map_or(0, |v| u64::from(*v))
+        };
         RelayStats {
             connections: self.inner.connections.load(Ordering::Relaxed),
             up: self.inner.up.load(Ordering::Relaxed),
             down: self.inner.down.load(Ordering::Relaxed),
+            late_p50_us: q(0.5),
+            late_p99_us: q(0.99),
+            late_max_us: late.last().map_or(0, |v| u64::from(*v)),
+            realtime: self.inner.realtime.load(Ordering::Relaxed),
         }
     }
 }
@@ -293,9 +350,19 @@ fn accept_loop(inner: &Arc<Inner>, listener: &TcpListener) {
             // the delay at a gigabit, not a buffer that swallows bulk data.
             let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(32);
             let (i, p) = (inner.clone(), pair.clone());
-            pumps.push(std::thread::spawn(move || read_side(&i, &p, up, &tx)));
+            pumps.push(std::thread::spawn(move || {
+                if realtime() {
+                    i.realtime.store(true, Ordering::Relaxed);
+                }
+                read_side(&i, &p, up, &tx);
+            }));
             let (i, p) = (inner.clone(), pair.clone());
-            pumps.push(std::thread::spawn(move || write_side(&i, &p, up, &rx)));
+            pumps.push(std::thread::spawn(move || {
+                if realtime() {
+                    i.realtime.store(true, Ordering::Relaxed);
+                }
+                write_side(&i, &p, up, &rx);
+            }));
         }
     }
     for p in pumps {
@@ -368,6 +435,14 @@ fn write_side(inner: &Inner, pair: &Pair, up: bool, rx: &Receiver<(Instant, Vec<
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
+            // Only a chunk that waited for its time says how punctual the
+            // line is; one taken late was queued behind the link.
+            let late = Instant::now().saturating_duration_since(due);
+            if let Ok(mut l) = inner.late.lock() {
+                if l.len() < MAX_SAMPLES {
+                    l.push(late.as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+            }
         }
         let mut off = 0;
         while off < data.len() {

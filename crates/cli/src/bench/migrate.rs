@@ -170,6 +170,9 @@ pub struct MigrateRow {
     pub fault_p99_ms: f64,
     /// Heartbeat round trips' p99 over the same link, ms.
     pub rtt_p99_ms: f64,
+    /// The lab relay's own lateness against its delay line, p99, ms
+    /// (None without a relay): the part of a latency that is the lab's.
+    pub relay_late_p99_ms: Option<f64>,
     /// Guest steps during the migration ÷ undisturbed steps in that time;
     /// None where the guest reports progress too rarely for that time
     /// (every 1024 steps: a throttled guest over a short migration).
@@ -452,9 +455,11 @@ pub fn run(args: &MigrateBenchArgs) -> anyhow::Result<MigrateBench> {
                     iterations,
                     &["--max-rounds", &rounds],
                 )?;
-                rows.push(row(
-                    link, rate, per_vcpu, method, &plan, &sj, sc, &dj, dc, free,
-                ));
+                let mut r = row(link, rate, per_vcpu, method, &plan, &sj, sc, &dj, dc, free);
+                r.relay_late_p99_ms = relay_now
+                    .as_ref()
+                    .map(|x| x.stats().late_p99_us as f64 / 1e3);
+                rows.push(r);
             }
         }
         if link == LinkArg::Gbit && !args.no_switchover_table {
@@ -568,6 +573,7 @@ fn row(
         fault_p50_ms: f(&d["fault_p50_us"]) / 1e3,
         fault_p99_ms: f(&d["fault_p99_us"]) / 1e3,
         rtt_p99_ms: f(&r["rtt_p99_ms"]),
+        relay_late_p99_ms: None,
         guest_progress: (total_s > 0.0 && speed * total_s >= 10.0 * 1024.0 * f64::from(VCPUS))
             .then(|| (src_steps + dst_steps) / (speed * total_s)),
         limit_s: plan.touched as f64 / link.bytes_per_sec(),
@@ -598,6 +604,7 @@ pub fn render(b: &MigrateBench) -> String {
         "fault p50 ms",
         "fault p99 ms",
         "heartbeat RTT p99 ms",
+        "relay late p99 ms",
         "guest progress",
         "checksum",
     ]);
@@ -630,6 +637,8 @@ pub fn render(b: &MigrateBench) -> String {
             format!("{:.2}", r.fault_p50_ms),
             format!("{:.2}", r.fault_p99_ms),
             format!("{:.2}", r.rtt_p99_ms),
+            r.relay_late_p99_ms
+                .map_or("-".into(), |x| format!("{x:.2}")),
             r.guest_progress
                 .map_or("-".into(), |p| format!("{:.0}%", p * 100.0)),
             if r.checksum_ok {

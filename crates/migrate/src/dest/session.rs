@@ -606,6 +606,7 @@ impl Session {
                         self.has_data[region].set(p as usize);
                     }
                 }
+                self.applied(link, (HEADER_LEN + payload.len()) as u64)?;
                 continue;
             }
             // Post-copy: placed through the restore core.
@@ -631,17 +632,7 @@ impl Session {
             let out = pu.push(region, h.first, &buf)?;
 
             self.pushed_pages.fetch_add(out.placed, Ordering::Relaxed);
-            // Applied: the source may push that much more.
-            let done = self
-                .applied
-                .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::SeqCst)
-                + (HEADER_LEN + payload.len()) as u64;
-            if done - self.last_ack.load(Ordering::SeqCst) >= 8 << 10 {
-                self.last_ack.store(done, Ordering::SeqCst);
-                let mut a = Header::new(Kind::Ack);
-                a.id = done;
-                link.control.send(a, &[])?;
-            }
+            self.applied(link, (HEADER_LEN + payload.len()) as u64)?;
             for p in out.busy {
                 let k = (p - h.first) as usize;
                 let a = if content == pages::ZERO {
@@ -652,6 +643,19 @@ impl Session {
                 self.fetcher.answer(None, region, p, 1, a);
             }
         }
+    }
+
+    /// `bytes` of bulk data (pre-copy or pushed) are applied: the source
+    /// may send that much more (acknowledged every 8 KiB).
+    fn applied(&self, link: &Link, bytes: u64) -> Result<(), MigrateError> {
+        let done = self.applied.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if done - self.last_ack.load(Ordering::SeqCst) >= 8 << 10 {
+            self.last_ack.store(done, Ordering::SeqCst);
+            let mut a = Header::new(Kind::Ack);
+            a.id = done;
+            link.control.send(a, &[])?;
+        }
+        Ok(())
     }
 
     fn bulk_end(&self, link: &Link, id: u64) -> Result<(), MigrateError> {

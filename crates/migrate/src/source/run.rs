@@ -118,6 +118,9 @@ impl Run {
             window: Arc::new(crate::window::Window::default()),
             rtt: rtt.clone(),
             pace: opts.pace,
+            // Post-copy follows pre-copy only in hybrid: there a pre-copy
+            // queue left at the switchover would hold the first answers up.
+            pace_precopy: opts.pace && opts.converge.method == crate::converge::Method::Hybrid,
         });
         let (ev_tx, events) = channel();
         let current = regions.iter().map(|r| PageBitmap::new(r.pages())).collect();

@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     pub(crate) rtt: Arc<crate::link::Rtt>,
     /// Whether post-copy pushes are paced by the window.
     pub(crate) pace: bool,
+    /// Whether pre-copy is paced too (hybrid: its queue must be empty at
+    /// the switchover; pure pre-copy keeps every byte of throughput).
+    pub(crate) pace_precopy: bool,
 }
 
 impl Shared {
@@ -112,7 +115,12 @@ impl Shared {
             h.region = region as u16;
             h.first = first + p as u64;
             h.count = (e - p) as u32;
-            let pushed = reply.is_none() && self.phase.load(Ordering::Relaxed) == PHASE_POSTCOPY;
+            // Bulk data is paced by the window: the link stays full and its
+            // queue near empty, so neither a demand answer in post-copy nor
+            // (in hybrid, with pre-copy paced too) the first ones after the
+            // switchover wait behind it.
+            let bulk = reply.is_none();
+            let pushed = bulk && self.phase.load(Ordering::Relaxed) == PHASE_POSTCOPY;
             if let Some(id) = reply {
                 h.id = id;
                 h.flags |= pages::REPLY;
@@ -120,16 +128,21 @@ impl Shared {
                 // Pushed: placed through the restore core, never written
                 // over what the guest already uses.
                 h.id = crate::proto::frame::PUSHED;
-                if self.pace {
-                    let rtt = self.rtt.min().unwrap_or(Duration::from_millis(1));
-                    self.window.wait_room(rtt, || link_down(conn));
-                }
+            }
+            let paced = if pushed { self.pace } else { self.pace_precopy };
+            if bulk && paced {
+                let rtt = self.rtt.min().unwrap_or(Duration::from_millis(1));
+                // Pre-copy may keep 4 ms of the link queued (its throughput
+                // decides when hybrid switches over; a 100 Mbit/s link's
+                // window is its round trip anyway); post-copy 1 ms.
+                let least = Duration::from_millis(if pushed { 1 } else { 4 });
+                self.window.wait_room(rtt, least, || link_down(conn));
             }
             if zero {
                 h.flags |= pages::ZERO;
                 conn.send(h, &[])?;
                 self.count(crate::proto::frame::HEADER_LEN as u64);
-                if pushed {
+                if bulk {
                     self.window.on_sent(crate::proto::frame::HEADER_LEN as u64);
                 }
                 add(&self.bytes.zero_pages, (e - p) as u64);
@@ -150,7 +163,7 @@ impl Shared {
                 h.flags |= used.flags();
                 conn.send(h, payload)?;
                 self.count((crate::proto::frame::HEADER_LEN + payload.len()) as u64);
-                if pushed {
+                if bulk {
                     self.window
                         .on_sent((crate::proto::frame::HEADER_LEN + payload.len()) as u64);
                 }
