@@ -54,6 +54,12 @@ pub fn prune(head: &Path, keep: NonZeroUsize, json: bool) -> anyhow::Result<Exit
             s.display()
         );
     }
+    for s in &rep.strays {
+        println!(
+            "{} is the parent of an interrupted fold: the chain no longer needs it (delete it unless it is a copy you keep)",
+            s.display()
+        );
+    }
     println!("kept, newest first:");
     for k in &rep.kept {
         println!("  {}", k.display());

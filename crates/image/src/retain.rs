@@ -19,6 +19,11 @@ pub struct RetainReport {
     pub folds: Vec<FoldReport>,
     /// Leftovers of interrupted writes or folds that were removed.
     pub swept: Vec<PathBuf>,
+    /// Images with the id of a parent that a fold replaced, left where a
+    /// fold was interrupted between replacing the delta and removing the
+    /// parent. The chain no longer needs them; they are not removed, since
+    /// a byte-identical copy that somebody keeps looks the same.
+    pub strays: Vec<PathBuf>,
     /// The chain's images after the pass, newest first.
     pub kept: Vec<PathBuf>,
 }
@@ -36,7 +41,8 @@ pub fn retain(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut swept = sweep(&dir)?;
+    let swept = sweep(&dir)?;
+    let mut strays = Vec::new();
     let mut folds = Vec::new();
     loop {
         let chain = Chain::open(head)?;
@@ -44,11 +50,20 @@ pub fn retain(
         let n = images.len();
         // A fold killed after its rename left the parent it folded.
         if let Some(from) = images[n - 1].folded_from() {
-            swept.extend(remove_images(&dir, from, images)?);
+            for p in find_images(&dir, from, images)? {
+                if !strays.contains(&p) {
+                    strays.push(p);
+                }
+            }
         }
         if n <= keep.get() {
             let kept = images.iter().map(|i| i.path().to_path_buf()).collect();
-            return Ok(RetainReport { folds, swept, kept });
+            return Ok(RetainReport {
+                folds,
+                swept,
+                strays,
+                kept,
+            });
         }
         let (base, child) = (
             images[n - 1].path().to_path_buf(),
@@ -86,24 +101,21 @@ fn sweep(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
     Ok(swept)
 }
 
-/// Removes the images of `dir` with id `id` that are not in `chain`.
-fn remove_images(
+/// The images of `dir` with id `id` that are not in `chain`.
+fn find_images(
     dir: &Path,
     id: crate::ImageId,
     chain: &[crate::Image],
 ) -> Result<Vec<PathBuf>, ImageError> {
-    let mut removed = Vec::new();
+    let mut found = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(crate::error::io("listing", dir))?;
     for e in entries.flatten() {
         let p = e.path();
-        if chain.iter().any(|i| i.path() == p) || crate::peek_id(&p) != Some(id) {
-            continue;
-        }
-        if std::fs::remove_file(&p).is_ok() {
-            removed.push(p);
+        if !chain.iter().any(|i| i.path() == p) && crate::peek_id(&p) == Some(id) {
+            found.push(p);
         }
     }
-    Ok(removed)
+    Ok(found)
 }
 
 /// Keeps the last N checkpoints of a chain in the background: each
