@@ -589,14 +589,7 @@ impl Run {
                     d
                 })
                 .collect();
-            // While the guest is paused: no pacing.
-            match control::send_list(
-                &self.link.control,
-                Kind::Stale,
-                list::DISCARD,
-                &discard,
-                None,
-            ) {
+            match control::send_list(&self.link.control, Kind::Stale, list::DISCARD, &discard) {
                 Ok(b) => self.shared.count(b),
                 Err(e) => return self.give_back(guest, e),
             }
