@@ -154,6 +154,23 @@ pub enum SourceError {
         /// Its message.
         reason: String,
     },
+    /// An image store (object store, chunk cache) could not give the pages:
+    /// unreachable past its deadline (`fatal`), or a chunk missing or
+    /// failing its hash. The cause names the store, image and chunk.
+    #[error("pages {first}+{count} of region {region}: {cause}")]
+    Store {
+        /// Region.
+        region: usize,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u64,
+        /// The store is gone: stop asking.
+        fatal: bool,
+        /// The store's error.
+        #[source]
+        cause: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl SourceError {
@@ -166,6 +183,7 @@ impl SourceError {
             SourceError::PeerGone { .. }
                 | SourceError::Timeout { .. }
                 | SourceError::Protocol { .. }
+                | SourceError::Store { fatal: true, .. }
         )
     }
 }

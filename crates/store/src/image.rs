@@ -1,0 +1,121 @@
+//! An image in a store: its manifest, and its chunks read and verified.
+
+use std::sync::Arc;
+
+use crate::chunk::{self, ChunkId};
+use crate::error::StoreError;
+use crate::manifest::Manifest;
+use crate::store::Store;
+
+/// An image opened from a store.
+#[derive(Debug, Clone)]
+pub struct StoreImage {
+    store: Arc<Store>,
+    manifest: Manifest,
+}
+
+/// What part of an image a chunk holds, for error messages.
+pub(crate) fn part(m: &Manifest, region: usize, c: usize) -> String {
+    match m.regions.get(region) {
+        Some(r) => {
+            let (a, b) = r.span(c);
+            format!("region {region}, pages {a}..{b}")
+        }
+        None => "VM state".into(),
+    }
+}
+
+impl StoreImage {
+    /// Reads and checks the manifest of image `name`.
+    pub fn open(store: Arc<Store>, name: &str) -> Result<StoreImage, StoreError> {
+        let obj = store
+            .get(&Manifest::key(name))?
+            .ok_or_else(|| StoreError::NoImage {
+                url: store.url().to_string(),
+                name: name.to_string(),
+            })?;
+        let manifest = Manifest::decode(&obj).map_err(|problem| StoreError::BadManifest {
+            url: store.url().to_string(),
+            name: name.to_string(),
+            problem,
+        })?;
+        Ok(StoreImage { store, manifest })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The image's address.
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.store.url(), self.manifest.name)
+    }
+
+    /// Fetches a chunk object (not decoded).
+    pub(crate) fn fetch(&self, id: &ChunkId, part: &str) -> Result<bytes::Bytes, StoreError> {
+        self.store
+            .get(&id.key())?
+            .ok_or_else(|| StoreError::MissingChunk {
+                url: self.store.url().to_string(),
+                id: *id,
+                image: self.manifest.name.clone(),
+                part: part.to_string(),
+            })
+    }
+
+    /// Decodes and verifies a chunk object.
+    pub(crate) fn decode(
+        &self,
+        obj: &[u8],
+        id: &ChunkId,
+        part: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        chunk::decode(obj, id).map_err(|problem| StoreError::BadChunk {
+            url: self.store.url().to_string(),
+            id: *id,
+            image: self.manifest.name.clone(),
+            part: part.to_string(),
+            problem: Box::new(problem),
+        })
+    }
+
+    /// The bytes of span `c` of `region` (`None`: zeros), from the store.
+    pub fn read_span(&self, region: usize, c: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(id) = self.manifest.regions.get(region).and_then(|r| r.chunk(c)) else {
+            return Ok(None);
+        };
+        let p = part(&self.manifest, region, c);
+        let obj = self.fetch(&id, &p)?;
+        let raw = self.decode(&obj, &id, &p)?;
+        let r = &self.manifest.regions[region];
+        let (a, b) = r.span(c);
+        if raw.len() as u64 != (b - a) * r.page_size {
+            return Err(StoreError::BadChunk {
+                url: self.store.url().to_string(),
+                id,
+                image: self.manifest.name.clone(),
+                part: p,
+                problem: Box::new(chunk::ChunkError::Length {
+                    want: ((b - a) * r.page_size) as u32,
+                    got: raw.len(),
+                }),
+            });
+        }
+        Ok(Some(raw))
+    }
+
+    /// The VM state, if the image has one.
+    pub fn vm_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(id) = self.manifest.vm_state.as_deref().and_then(ChunkId::parse) else {
+            return Ok(None);
+        };
+        let obj = self.fetch(&id, "VM state")?;
+        self.decode(&obj, &id, "VM state").map(Some)
+    }
+}

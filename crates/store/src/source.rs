@@ -1,0 +1,273 @@
+//! A lazy restore's page source reading an image straight from a store:
+//! a fault's pages come from the chunk that holds them, found in memory
+//! (the last few chunks decoded), in the host's chunk cache, or fetched
+//! from the store (one fetch per chunk however many threads want it), and
+//! verified against its name every time. A store unreachable past its
+//! deadline fails the read fatally: the restore core fails closed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use livepage_restore::{Lane, PageSource, SourceError, SourceRegion};
+use serde::Serialize;
+
+use crate::cache::ChunkCache;
+use crate::chunk::ChunkId;
+use crate::error::StoreError;
+use crate::image::{StoreImage, part};
+
+/// Decoded chunks kept in memory (8 MiB of 512 KiB chunks).
+const MEMORY_CHUNKS: usize = 16;
+
+/// Where a source's chunks came from.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SourceStats {
+    /// Chunks fetched from the store.
+    pub from_store: u64,
+    /// Chunks read from the host's cache.
+    pub from_cache: u64,
+    /// Reads served from chunks already decoded.
+    pub from_memory: u64,
+    /// Bytes fetched from the store (as stored).
+    pub fetched_bytes: u64,
+    /// Cached chunks that failed verification (dropped and fetched again).
+    pub cache_bad: u64,
+    /// Milliseconds spent fetching from the store, summed.
+    pub fetch_ms: f64,
+}
+
+type Slot = Arc<(
+    Mutex<Option<Result<Arc<Vec<u8>>, Arc<StoreError>>>>,
+    Condvar,
+)>;
+
+/// Pages of a store image for a lazy restore.
+pub struct StoreSource {
+    img: StoreImage,
+    cache: Option<Arc<ChunkCache>>,
+    shapes: Vec<SourceRegion>,
+    memory: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    inflight: Mutex<HashMap<ChunkId, Slot>>,
+    from_store: AtomicU64,
+    from_cache: AtomicU64,
+    from_memory: AtomicU64,
+    fetched_bytes: AtomicU64,
+    cache_bad: AtomicU64,
+    fetch_us: AtomicU64,
+}
+
+impl std::fmt::Debug for StoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSource")
+            .field("image", &self.img.url())
+            .finish()
+    }
+}
+
+impl StoreSource {
+    /// Serves `img`, caching chunks in `cache` if given.
+    pub fn new(img: StoreImage, cache: Option<Arc<ChunkCache>>) -> StoreSource {
+        let shapes = img
+            .manifest()
+            .regions
+            .iter()
+            .map(|r| SourceRegion {
+                page_size: r.page_size as usize,
+                pages: r.pages(),
+            })
+            .collect();
+        StoreSource {
+            img,
+            cache,
+            shapes,
+            memory: Mutex::new(VecDeque::new()),
+            inflight: Mutex::new(HashMap::new()),
+            from_store: AtomicU64::new(0),
+            from_cache: AtomicU64::new(0),
+            from_memory: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            cache_bad: AtomicU64::new(0),
+            fetch_us: AtomicU64::new(0),
+        }
+    }
+
+    /// The image.
+    pub fn image(&self) -> &StoreImage {
+        &self.img
+    }
+
+    /// Where chunks came from so far.
+    pub fn stats(&self) -> SourceStats {
+        SourceStats {
+            from_store: self.from_store.load(Ordering::Relaxed),
+            from_cache: self.from_cache.load(Ordering::Relaxed),
+            from_memory: self.from_memory.load(Ordering::Relaxed),
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            cache_bad: self.cache_bad.load(Ordering::Relaxed),
+            fetch_ms: self.fetch_us.load(Ordering::Relaxed) as f64 / 1e3,
+        }
+    }
+
+    /// The decoded bytes of span `c` of `region`.
+    fn span(&self, region: usize, c: usize, id: ChunkId) -> Result<Arc<Vec<u8>>, Arc<StoreError>> {
+        if let Ok(m) = self.memory.lock() {
+            if let Some((_, d)) = m.iter().find(|(i, _)| *i == id) {
+                self.from_memory.fetch_add(1, Ordering::Relaxed);
+                return Ok(d.clone());
+            }
+        }
+        // One fetch per chunk: later askers wait for the first.
+        let (slot, first) = {
+            let mut f = self
+                .inflight
+                .lock()
+                .map_err(|_| Arc::new(StoreError::Unsupported("poisoned".into())))?;
+            match f.get(&id) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+                    f.insert(id, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !first {
+            let (m, cv) = &*slot;
+            let mut g = m
+                .lock()
+                .map_err(|_| Arc::new(StoreError::Unsupported("poisoned".into())))?;
+            while g.is_none() {
+                g = cv
+                    .wait(g)
+                    .map_err(|_| Arc::new(StoreError::Unsupported("poisoned".into())))?;
+            }
+            return g
+                .clone()
+                .unwrap_or_else(|| Err(Arc::new(StoreError::Unsupported("lost".into()))));
+        }
+        let r = self.load(region, c, id).map(Arc::new).map_err(Arc::new);
+        if let Ok(d) = &r {
+            if let Ok(mut m) = self.memory.lock() {
+                m.push_back((id, d.clone()));
+                if m.len() > MEMORY_CHUNKS {
+                    m.pop_front();
+                }
+            }
+        }
+        let (m, cv) = &*slot;
+        if let Ok(mut g) = m.lock() {
+            *g = Some(r.clone());
+        }
+        cv.notify_all();
+        if let Ok(mut f) = self.inflight.lock() {
+            f.remove(&id);
+        }
+        r
+    }
+
+    fn load(&self, region: usize, c: usize, id: ChunkId) -> Result<Vec<u8>, StoreError> {
+        let p = part(self.img.manifest(), region, c);
+        if let Some(cache) = &self.cache {
+            if let Some(obj) = cache.get(&id) {
+                match self.img.decode(&obj, &id, &p) {
+                    Ok(raw) => {
+                        self.from_cache.fetch_add(1, Ordering::Relaxed);
+                        return Ok(raw);
+                    }
+                    Err(_) => {
+                        self.cache_bad.fetch_add(1, Ordering::Relaxed);
+                        cache.remove(&id);
+                    }
+                }
+            }
+        }
+        let t = std::time::Instant::now();
+        let obj = self.img.fetch(&id, &p)?;
+        self.fetch_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.from_store.fetch_add(1, Ordering::Relaxed);
+        self.fetched_bytes
+            .fetch_add(obj.len() as u64, Ordering::Relaxed);
+        let raw = self.img.decode(&obj, &id, &p)?;
+        if let Some(cache) = &self.cache {
+            cache.put(&id, &obj);
+        }
+        Ok(raw)
+    }
+}
+
+impl PageSource for StoreSource {
+    fn regions(&self) -> Vec<SourceRegion> {
+        self.shapes.clone()
+    }
+
+    fn read_pages(
+        &self,
+        region: usize,
+        first: u64,
+        buf: &mut [u8],
+        _lane: Lane,
+    ) -> Result<bool, SourceError> {
+        let shape = *self
+            .shapes
+            .get(region)
+            .ok_or(SourceError::NoRegion { region })?;
+        let ps = shape.page_size;
+        let n = (buf.len() / ps) as u64;
+        if buf.len() % ps != 0 || first.checked_add(n).is_none_or(|e| e > shape.pages) {
+            return Err(SourceError::OutOfRange {
+                region,
+                first,
+                count: n,
+                pages: shape.pages,
+            });
+        }
+        let reg = &self.img.manifest().regions[region];
+        let mut any = false;
+        let mut p = first;
+        while p < first + n {
+            let c = (p / reg.chunk_pages) as usize;
+            let (a, b) = reg.span(c);
+            let e = b.min(first + n);
+            let dst = &mut buf[((p - first) as usize) * ps..((e - first) as usize) * ps];
+            match reg.chunk(c) {
+                None => dst.fill(0),
+                Some(id) => {
+                    let d = self.span(region, c, id).map_err(|e| SourceError::Store {
+                        region,
+                        first: p,
+                        count: e_count(p, b),
+                        fatal: e.is_unreachable(),
+                        cause: e,
+                    })?;
+                    let off = ((p - a) as usize) * ps;
+                    dst.copy_from_slice(&d[off..off + dst.len()]);
+                    any = true;
+                }
+            }
+            p = e;
+        }
+        Ok(any)
+    }
+
+    fn zero_runs(&self, region: usize) -> Option<Vec<(u64, u64)>> {
+        let reg = self.img.manifest().regions.get(region)?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (c, id) in reg.chunks.iter().enumerate() {
+            if id.is_some() {
+                continue;
+            }
+            let (a, b) = reg.span(c);
+            match runs.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => runs.push((a, b)),
+            }
+        }
+        Some(runs)
+    }
+}
+
+fn e_count(p: u64, b: u64) -> u64 {
+    b.saturating_sub(p)
+}
