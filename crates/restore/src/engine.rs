@@ -70,6 +70,9 @@ pub(crate) struct Engine {
     /// one thread is recorded before another reads the faults that follow
     /// it (the discarding thread runs on as soon as its event is read).
     pub(crate) read_lock: Mutex<()>,
+    /// Held while a done page missing from the page cache is filled again
+    /// (minor mode): two duplicate fault messages must not both fill it.
+    pub(crate) refill_lock: Mutex<()>,
     pub(crate) map: AddressMap,
     pub(crate) states: PageStates,
     pub(crate) mode: Mode,

@@ -6,12 +6,12 @@ use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use livepage_runtime::{Cx, Fault, Policy, RuntimeError};
-use livepage_uffd::{BASE_PAGE, Event, Uffd};
+use livepage_runtime::{Cx, Fault, Policy, ResolveError, RuntimeError};
+use livepage_uffd::{BASE_PAGE, Errno, Event, RangeError, Uffd};
 
 use crate::engine::{Engine, Local};
 use crate::error::RestoreError;
-use crate::options::Notice;
+use crate::options::{Mode, Notice};
 use crate::place::How;
 use crate::stats::Counters;
 
@@ -99,28 +99,14 @@ impl Engine {
             }
         } else if self.states.is_done(g) {
             // Placed (or resident) before and unmapped since (a discard), or
-            // resident in the page cache with no page-table entry yet.
+            // resident in the page cache with no page-table entry yet, or a
+            // duplicate message of a fault a placement already resolved.
             let res = if f.fault.is_minor() {
-                let (addr, ps) = (self.map.page_addr(r, p), self.map[r].page_size);
-                cx.resolve(
-                    f.fd,
-                    addr,
-                    ps,
-                    ps,
-                    |u, _| u.continue_range(addr, ps, how.dont_wake, false),
-                    |_| {},
-                )
-                .map(|()| {
-                    if how.dont_wake {
-                        local.wakes.push((f.fd, addr, ps));
-                    }
-                })
-                .map_err(|source| RestoreError::Place {
-                    addr: addr as u64,
-                    len: ps as u64,
-                    source,
-                })
+                self.continue_page(cx, local, f.fd, r, p, how)
+            } else if self.mode == Mode::Minor {
+                self.refill_minor(cx, local, f.fd, r, p, how)
             } else {
+                // COPY finds a duplicate's page mapped (EEXIST): harmless.
                 self.fill(cx, local, r, p, 1, how).map(|_| ())
             };
             if let Err(e) = res {
@@ -132,6 +118,81 @@ impl Engine {
             local.waiting.push((f.fd, g));
         }
         self.demand.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// UFFDIO_CONTINUE of page `p` of range `r` (a page already mapped is
+    /// fine: EEXIST).
+    fn continue_page(
+        &self,
+        cx: &mut Cx<'_, Engine>,
+        local: &mut Local,
+        fd: usize,
+        r: usize,
+        p: u64,
+        how: How,
+    ) -> Result<(), RestoreError> {
+        let (addr, ps) = (self.map.page_addr(r, p), self.map[r].page_size);
+        cx.resolve(
+            fd,
+            addr,
+            ps,
+            ps,
+            |u, _| u.continue_range(addr, ps, how.dont_wake, false),
+            |_| {},
+        )
+        .map(|()| {
+            if how.dont_wake {
+                local.wakes.push((fd, addr, ps));
+            }
+        })
+        .map_err(|source| RestoreError::Place {
+            addr: addr as u64,
+            len: ps as u64,
+            source,
+        })
+    }
+
+    /// A MISSING fault on a done page in minor mode. Mostly a duplicate
+    /// message of a fault some placement already resolved: the page is in
+    /// the page cache (and maybe mapped and written since), so it is only
+    /// continued; filling it (a write into the page cache) would clobber
+    /// what the guest wrote. Only a page really gone from the page cache (a
+    /// discard: CONTINUE finds none) is filled again, under a lock so two
+    /// duplicates cannot both fill it.
+    fn refill_minor(
+        &self,
+        cx: &mut Cx<'_, Engine>,
+        local: &mut Local,
+        fd: usize,
+        r: usize,
+        p: u64,
+        how: How,
+    ) -> Result<(), RestoreError> {
+        let no_page = |e: &RestoreError| {
+            matches!(
+                e,
+                RestoreError::Place {
+                    source: ResolveError::Kernel {
+                        source: RangeError::Kernel {
+                            errno: Errno::FAULT,
+                            ..
+                        },
+                        ..
+                    },
+                    ..
+                }
+            )
+        };
+        match self.continue_page(cx, local, fd, r, p, how) {
+            Err(e) if no_page(&e) => {
+                let _g = self.refill_lock.lock();
+                match self.continue_page(cx, local, fd, r, p, how) {
+                    Err(e) if no_page(&e) => self.fill(cx, local, r, p, 1, how).map(|_| ()),
+                    other => other,
+                }
+            }
+            other => other,
+        }
     }
 
     /// A fault on no mapped range (memory the handshake did not declare):

@@ -151,6 +151,7 @@ pub fn serve(
             .contains(Features::POISON),
         fds,
         read_lock: Mutex::new(()),
+        refill_lock: Mutex::new(()),
         states,
         mode: opts.mode,
         supply: Supply::new(source, opts.on_source_loss),
