@@ -14,6 +14,7 @@ mod probe;
 mod progress;
 mod prune;
 mod serve_firecracker;
+mod store;
 mod table;
 mod verify;
 mod vm;
@@ -48,8 +49,10 @@ enum Command {
     Vm(VmCommand),
     /// Describe an image: regions, page counts, parent, VM state.
     Inspect {
-        /// The image.
+        /// The image: a file, or a store address (dir:///path/NAME, s3://bucket/prefix/NAME).
         image: std::path::PathBuf,
+        #[command(flatten)]
+        store: store::StoreArgs,
         /// JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -81,12 +84,25 @@ enum Command {
     /// Check every checksum of an image (and of its parents); on corruption name
     /// the page and file offset, on a broken chain the missing or corrupt parent.
     Verify {
-        /// The image.
+        /// The image: a file, or a store address (every chunk is fetched
+        /// and checked against its name).
         image: std::path::PathBuf,
+        #[command(flatten)]
+        store: store::StoreArgs,
         /// JSON output.
         #[arg(long)]
         json: bool,
     },
+    /// Upload an image and its parents to a store (dir:///path or
+    /// s3://bucket/prefix), as content-addressed compressed chunks: only the
+    /// chunks the store lacks are sent.
+    Push(store::PushArgs),
+    /// Write an image from a store to a local (full) image file.
+    Pull(store::PullArgs),
+    /// List the images in a store.
+    Ls(store::LsArgs),
+    /// Delete the chunks of a store that no image names.
+    Gc(store::GcArgs),
     /// Serve Firecracker VMs' page faults (its UFFD handshake) from its memory
     /// file or a livepage image, for as many VMs as connect: prefetch, zero
     /// runs, several handler threads per VM, metrics.
@@ -202,8 +218,18 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Resume(args)) => vm::resume::resume(&args),
         Command::Vm(VmCommand::Receive(args)) => vm::receive::receive(&args),
         Command::TlsCreds { out, names } => tls_creds(&out, &names),
-        Command::Inspect { image, json } => inspect::inspect(&image, json),
-        Command::Verify { image, json } => verify::verify(&image, json),
+        Command::Inspect { image, store, json } if store::is_store_image(&image) => {
+            store::inspect(&image, &store, json)
+        }
+        Command::Inspect { image, json, .. } => inspect::inspect(&image, json),
+        Command::Verify { image, store, json } if store::is_store_image(&image) => {
+            store::verify(&image, &store, json)
+        }
+        Command::Verify { image, json, .. } => verify::verify(&image, json),
+        Command::Push(a) => store::push(&a),
+        Command::Pull(a) => store::pull(&a),
+        Command::Ls(a) => store::ls(&a),
+        Command::Gc(a) => store::gc(&a),
         Command::Merge { image, out, json } => merge::merge(&image, &out, json),
         Command::Prune { image, keep, json } => prune::prune(&image, keep, json),
         Command::ServeFirecracker(args) => serve_firecracker::run(&args),

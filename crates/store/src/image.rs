@@ -119,3 +119,46 @@ impl StoreImage {
         self.decode(&obj, &id, "VM state").map(Some)
     }
 }
+
+impl StoreImage {
+    /// Fetches and verifies every chunk (VM state included) with `threads`
+    /// at once; returns how many. Stops at the first bad one.
+    pub fn verify(&self, threads: usize) -> Result<u64, StoreError> {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        self.vm_state()?;
+        let jobs: Vec<(usize, usize)> = self
+            .manifest
+            .regions
+            .iter()
+            .enumerate()
+            .flat_map(|(r, reg)| (0..reg.chunks.len()).map(move |c| (r, c)))
+            .collect();
+        let (next, n) = (AtomicUsize::new(0), AtomicU64::new(0));
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    while let Some(&(r, c)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        match self.read_span(r, c) {
+                            Ok(Some(_)) => {
+                                n.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                if let Ok(mut f) = failed.lock() {
+                                    f.get_or_insert(e);
+                                }
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(n.load(Ordering::Relaxed) + u64::from(self.manifest.vm_state.is_some())),
+        }
+    }
+}

@@ -46,9 +46,49 @@ pub struct ResumeArgs {
     /// With --lazy: record the order pages are first faulted into the working set file.
     #[arg(long, requires = "lazy")]
     pub record_working_set: bool,
+    /// With a store address and --lazy: the host's chunk cache, shared by
+    /// every restore on it (default $LIVEPAGE_CHUNK_CACHE, else
+    /// ~/.cache/livepage/chunks).
+    #[arg(long, requires = "lazy")]
+    pub chunk_cache: Option<std::path::PathBuf>,
+    /// With a store address and --lazy: no chunk cache.
+    #[arg(long, requires = "lazy", conflicts_with = "chunk_cache")]
+    pub no_chunk_cache: bool,
+    /// The chunk cache's bound in MiB (least recently used chunks go).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..))]
+    pub chunk_cache_mib: u64,
+    #[command(flatten)]
+    pub store: crate::store::StoreArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the image comes from.
+enum Opened {
+    Local(livepage_image::Chain),
+    Store(livepage_store::StoreImage),
+}
+
+impl Opened {
+    fn regions(&self) -> Vec<(u64, u32)> {
+        match self {
+            Opened::Local(c) => c.head().regions().iter().map(|r| (r.len, r.kind)).collect(),
+            Opened::Store(i) => i
+                .manifest()
+                .regions
+                .iter()
+                .map(|r| (r.len, r.kind))
+                .collect(),
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        match self {
+            Opened::Local(c) => c.head().pages(),
+            Opened::Store(i) => i.manifest().pages(),
+        }
+    }
 }
 
 pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
@@ -60,18 +100,38 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
             "--working-set names the file --prefetch recorded reads or --record-working-set writes; give one of them"
         );
     }
+    let remote = crate::store::is_store_image(&args.image);
+    if !remote && (args.chunk_cache.is_some() || args.no_chunk_cache) {
+        bail!("--chunk-cache and --no-chunk-cache apply to an image in a store (dir:// or s3://)");
+    }
+    if remote
+        && args.working_set.is_none()
+        && (args.record_working_set || args.prefetch == Some(PrefetchArg::Recorded))
+    {
+        bail!(
+            "an image in a store has no file beside it for the working set: name one with --working-set"
+        );
+    }
     livepage_testvm::check_host()?;
-    let chain = livepage_image::Chain::open(&args.image)?;
-    let img = chain.head();
-    let Some(state_bytes) = img.vm_state() else {
+    let opened = if remote {
+        Opened::Store(crate::store::open_image(&args.image, &args.store)?)
+    } else {
+        Opened::Local(livepage_image::Chain::open(&args.image)?)
+    };
+    let state_bytes = match &opened {
+        Opened::Local(c) => c.head().vm_state().map(<[u8]>::to_vec),
+        Opened::Store(i) => i.vm_state()?,
+    };
+    let Some(state_bytes) = state_bytes else {
         bail!(
             "{} holds no VM state (it is not a snapshot of the test VM)",
             args.image.display()
         );
     };
     let state =
-        livepage_testvm::VmState::from_bytes(state_bytes).context("the image's VM state")?;
-    if img.regions().len() != 1 || img.regions()[0].len < state.ram {
+        livepage_testvm::VmState::from_bytes(&state_bytes).context("the image's VM state")?;
+    let regions = opened.regions();
+    if regions.len() != 1 || regions[0].0 < state.ram {
         bail!(
             "{} does not hold one region of guest RAM of {} bytes",
             args.image.display(),
@@ -80,11 +140,8 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let kind = match args.memory {
         Some(m) => MemoryKind::from(m),
-        None => livepage_image::kind::memory(img.regions()[0].kind).ok_or_else(|| {
-            anyhow::anyhow!(
-                "the image records an unknown memory type {}",
-                img.regions()[0].kind
-            )
+        None => livepage_image::kind::memory(regions[0].1).ok_or_else(|| {
+            anyhow::anyhow!("the image records an unknown memory type {}", regions[0].1)
         })?,
     };
     let spec = VmSpec {
@@ -96,9 +153,9 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let t_load = Instant::now();
     let mut lazy = None;
     let mut wset_out = None;
+    let mut from_store = None;
     let region = if args.lazy {
-        let desc = chain.head().regions()[0];
-        let region = Arc::new(Region::new(kind, desc.len as usize)?);
+        let region = Arc::new(Region::new(kind, regions[0].0 as usize)?);
         let wset_path = args.working_set.clone().unwrap_or_else(|| {
             let mut p = args.image.clone().into_os_string();
             p.push(".wset");
@@ -108,7 +165,7 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
             PrefetchArg::None => livepage_restore::Prefetch::None,
             PrefetchArg::Sequential => livepage_restore::Prefetch::Sequential,
             PrefetchArg::Recorded => livepage_restore::Prefetch::Recorded(
-                livepage_restore::WorkingSet::load(&wset_path, chain.head().pages())
+                livepage_restore::WorkingSet::load(&wset_path, opened.pages())
                     .context("--prefetch recorded")?,
             ),
         };
@@ -127,21 +184,40 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 }
             }));
         wset_out = args.record_working_set.then_some(wset_path);
-        let source: Arc<dyn livepage_restore::PageSource> =
-            Arc::new(livepage_restore::ChainSource::new(chain));
+        let source: Arc<dyn livepage_restore::PageSource> = match opened {
+            Opened::Local(chain) => Arc::new(livepage_restore::ChainSource::new(chain)),
+            Opened::Store(img) => {
+                let cache = if args.no_chunk_cache {
+                    None
+                } else {
+                    Some(crate::store::cache(
+                        args.chunk_cache.as_deref(),
+                        args.chunk_cache_mib,
+                    )?)
+                };
+                let s = Arc::new(livepage_store::StoreSource::new(img, cache));
+                from_store = Some(s.clone());
+                s
+            }
+        };
         lazy = Some(
             livepage_restore::start(vec![region.clone()], source, opts)
                 .context("starting the lazy restore")?,
         );
         region
     } else {
-        let bar = crate::progress::bar(chain.head().pages(), "loading");
-        let regions = livepage_restore::load::load(&chain, kind, |done, _| bar.set_position(done))?;
+        let bar = crate::progress::bar(opened.pages(), "loading");
+        let region = match &opened {
+            Opened::Local(chain) => {
+                livepage_restore::load::load(chain, kind, |done, _| bar.set_position(done))?
+                    .into_iter()
+                    .next()
+                    .context("the image holds no region")?
+            }
+            Opened::Store(img) => crate::store::load(img, kind, |done| bar.set_position(done))?,
+        };
         bar.finish_and_clear();
-        regions
-            .into_iter()
-            .next()
-            .context("the image holds no region")?
+        region
     };
     let load = t_load.elapsed();
     let mut vm = TestVm::restore(region.clone(), &state, VmOptions::default())?;
@@ -194,6 +270,7 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         "lazy": args.lazy,
         "seconds_until_vcpus_run": to_run.as_secs_f64(),
         "restore": restore_stats,
+        "store": from_store.as_ref().map(|s| s.stats()),
         "run_seconds": seconds,
         "checksum": format!("{sum:016x}"),
         "expected_checksum": format!("{want:016x}"),
@@ -219,6 +296,19 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 ),
             ]);
             restore_rows(&mut t, st);
+            if let Some(s) = &from_store {
+                let st = s.stats();
+                t.row([
+                    "chunks".to_string(),
+                    format!(
+                        "{} from the store ({:.1} MiB, {:.0} ms), {} from the host cache",
+                        st.from_store,
+                        st.fetched_bytes as f64 / (1 << 20) as f64,
+                        st.fetch_ms,
+                        st.from_cache
+                    ),
+                ]);
+            }
         } else {
             t.row([
                 "eager load".to_string(),
