@@ -498,6 +498,10 @@ impl Session {
                     if h.flags & list::LAST != 0 && h.flags & list::DISCARD == 0 {
                         self.tell(Event::StaleDone);
                     }
+                    if h.flags & list::DISCARD == 0 {
+                        // Paced by the source's bulk window.
+                        self.applied(link, (HEADER_LEN + payload.len()) as u64)?;
+                    }
                 }
                 Kind::PushDone => self.tell(Event::PushDone),
                 Kind::Abort => {

@@ -186,17 +186,23 @@ fn read(
 }
 
 /// Sends page ranges as a list of `kind` frames for each region, the last
-/// frame flagged (plus `extra` flags on every frame).
+/// frame flagged (plus `extra` flags on every frame). With `paced` (the
+/// window and the base round trip) it goes in 16 KiB frames under the bulk
+/// window, which the destination's acknowledgements open: a stale list of
+/// tens of thousands of runs is milliseconds of a slow link, and unpaced it
+/// would queue the first demand answers behind it.
 pub(crate) fn send_list(
     conn: &Conn,
     kind: Kind,
     extra: u8,
     sets: &[RangeSet],
+    paced: Option<(&crate::window::Window, std::time::Duration)>,
 ) -> Result<u64, MigrateError> {
     let mut bytes = 0;
     let n = sets.len();
+    let max = if paced.is_some() { 16 << 10 } else { 256 << 10 };
     for (r, set) in sets.iter().enumerate() {
-        let payloads = crate::proto::msg::encode_ranges(set.iter(), 256 << 10);
+        let payloads = crate::proto::msg::encode_ranges(set.iter(), max);
         let k = payloads.len();
         for (i, p) in payloads.into_iter().enumerate() {
             let mut h = Header::new(kind);
@@ -205,8 +211,15 @@ pub(crate) fn send_list(
             if r + 1 == n && i + 1 == k {
                 h.flags |= list::LAST;
             }
+            let len = (crate::proto::frame::HEADER_LEN + p.len()) as u64;
+            if let Some((w, rtt)) = paced {
+                w.wait_room(rtt, std::time::Duration::from_millis(1), || conn.is_shut());
+            }
             conn.send(h, &p)?;
-            bytes += (crate::proto::frame::HEADER_LEN + p.len()) as u64;
+            if let Some((w, _)) = paced {
+                w.on_sent(len);
+            }
+            bytes += len;
         }
     }
     Ok(bytes)

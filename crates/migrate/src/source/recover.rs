@@ -28,13 +28,27 @@ pub(super) struct Postcopy {
 
 impl Run {
     fn start_postcopy(&mut self, pc: &mut Postcopy) -> Result<(), MigrateError> {
-        let b = control::send_list(&self.link.control, Kind::Stale, 0, &pc.post.stale_sets())?;
-        self.shared.count(b);
+        // Demand first: requests are answered from the source's own sets
+        // while the stale list is still on its way.
         pc.threads.push(postcopy::spawn_demand(
             &self.link,
             self.shared.clone(),
             pc.post.clone(),
         )?);
+        let rtt = self
+            .shared
+            .rtt
+            .min()
+            .unwrap_or(std::time::Duration::from_millis(1));
+        let paced = self.shared.pace.then_some((&*self.shared.window, rtt));
+        let b = control::send_list(
+            &self.link.control,
+            Kind::Stale,
+            0,
+            &pc.post.stale_sets(),
+            paced,
+        )?;
+        self.shared.count(b);
         let (link, senders, shared, post) = (
             self.link.clone(),
             self.senders_arc(),

@@ -589,7 +589,14 @@ impl Run {
                     d
                 })
                 .collect();
-            match control::send_list(&self.link.control, Kind::Stale, list::DISCARD, &discard) {
+            // While the guest is paused: no pacing.
+            match control::send_list(
+                &self.link.control,
+                Kind::Stale,
+                list::DISCARD,
+                &discard,
+                None,
+            ) {
                 Ok(b) => self.shared.count(b),
                 Err(e) => return self.give_back(guest, e),
             }
