@@ -7,6 +7,7 @@
 //!
 //! Needs root and iproute2 (`ip`, `tc`); [`Lab::available`] says why not.
 
+pub mod garage;
 mod relay;
 
 use std::net::{Ipv4Addr, SocketAddr};
