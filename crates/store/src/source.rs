@@ -17,8 +17,13 @@ use crate::chunk::ChunkId;
 use crate::error::StoreError;
 use crate::image::{StoreImage, part};
 
-/// Decoded chunks kept in memory (8 MiB of 512 KiB chunks).
-const MEMORY_CHUNKS: usize = 16;
+/// Decoded chunks kept in memory (32 MiB of 512 KiB chunks): what the
+/// read-ahead fetched stays until the prefetcher gets there.
+const MEMORY_CHUNKS: usize = 64;
+/// Chunks fetched ahead of the background reads.
+const AHEAD: usize = 16;
+/// Threads fetching ahead.
+const AHEAD_THREADS: usize = 4;
 
 /// Where a source's chunks came from.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -42,8 +47,19 @@ type Slot = Arc<(
     Condvar,
 )>;
 
-/// Pages of a store image for a lazy restore.
+/// Pages of a store image for a lazy restore. Background reads (the
+/// restore's prefetch) start fetches of the chunks after theirs on a few
+/// threads, so the store is read in parallel; a fault's read goes to the
+/// store at once, never behind them.
 pub struct StoreSource {
+    inner: Arc<Inner>,
+    ahead: Mutex<Option<std::sync::mpsc::Sender<(usize, usize)>>>,
+    /// Per region: the chunk the read-ahead has been asked up to.
+    mark: Vec<AtomicU64>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+struct Inner {
     img: StoreImage,
     cache: Option<Arc<ChunkCache>>,
     shapes: Vec<SourceRegion>,
@@ -60,7 +76,7 @@ pub struct StoreSource {
 impl std::fmt::Debug for StoreSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSource")
-            .field("image", &self.img.url())
+            .field("image", &self.inner.img.url())
             .finish()
     }
 }
@@ -68,6 +84,79 @@ impl std::fmt::Debug for StoreSource {
 impl StoreSource {
     /// Serves `img`, caching chunks in `cache` if given.
     pub fn new(img: StoreImage, cache: Option<Arc<ChunkCache>>) -> StoreSource {
+        let regions = img.manifest().regions.len();
+        let inner = Arc::new(Inner::new(img, cache));
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, usize)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..AHEAD_THREADS)
+            .filter_map(|i| {
+                let (inner, rx) = (inner.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("lp-ahead-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let job = rx.lock().ok().and_then(|r| r.recv().ok());
+                            let Some((region, c)) = job else { break };
+                            if let Some(id) = inner.img.manifest().regions[region].chunk(c) {
+                                // Failures show when a read needs it.
+                                let _ = inner.span(region, c, id);
+                            }
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        StoreSource {
+            inner,
+            ahead: Mutex::new(Some(tx)),
+            mark: (0..regions).map(|_| AtomicU64::new(0)).collect(),
+            threads: Mutex::new(threads),
+        }
+    }
+
+    /// The image.
+    pub fn image(&self) -> &StoreImage {
+        &self.inner.img
+    }
+
+    /// Where chunks came from so far.
+    pub fn stats(&self) -> SourceStats {
+        self.inner.stats()
+    }
+
+    /// Asks the read-ahead for the chunks after `c` of `region`.
+    fn read_ahead(&self, region: usize, c: usize) {
+        let reg = &self.inner.img.manifest().regions[region];
+        let want = (c + 1 + AHEAD).min(reg.chunks.len()) as u64;
+        let from = self.mark[region].fetch_max(want, Ordering::Relaxed).max(c as u64 + 1);
+        if from >= want {
+            return;
+        }
+        if let Ok(tx) = self.ahead.lock() {
+            if let Some(tx) = tx.as_ref() {
+                for k in from..want {
+                    let _ = tx.send((region, k as usize));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for StoreSource {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.ahead.lock() {
+            tx.take();
+        }
+        if let Ok(mut t) = self.threads.lock() {
+            for h in t.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn new(img: StoreImage, cache: Option<Arc<ChunkCache>>) -> Inner {
         let shapes = img
             .manifest()
             .regions
@@ -77,7 +166,7 @@ impl StoreSource {
                 pages: r.pages(),
             })
             .collect();
-        StoreSource {
+        Inner {
             img,
             cache,
             shapes,
@@ -92,13 +181,7 @@ impl StoreSource {
         }
     }
 
-    /// The image.
-    pub fn image(&self) -> &StoreImage {
-        &self.img
-    }
-
-    /// Where chunks came from so far.
-    pub fn stats(&self) -> SourceStats {
+    fn stats(&self) -> SourceStats {
         SourceStats {
             from_store: self.from_store.load(Ordering::Relaxed),
             from_cache: self.from_cache.load(Ordering::Relaxed),
@@ -199,7 +282,7 @@ impl StoreSource {
 
 impl PageSource for StoreSource {
     fn regions(&self) -> Vec<SourceRegion> {
-        self.shapes.clone()
+        self.inner.shapes.clone()
     }
 
     fn read_pages(
@@ -207,9 +290,10 @@ impl PageSource for StoreSource {
         region: usize,
         first: u64,
         buf: &mut [u8],
-        _lane: Lane,
+        lane: Lane,
     ) -> Result<bool, SourceError> {
         let shape = *self
+            .inner
             .shapes
             .get(region)
             .ok_or(SourceError::NoRegion { region })?;
@@ -223,7 +307,10 @@ impl PageSource for StoreSource {
                 pages: shape.pages,
             });
         }
-        let reg = &self.img.manifest().regions[region];
+        let reg = &self.inner.img.manifest().regions[region];
+        if lane == Lane::Background {
+            self.read_ahead(region, ((first + n).saturating_sub(1) / reg.chunk_pages) as usize);
+        }
         let mut any = false;
         let mut p = first;
         while p < first + n {
@@ -234,7 +321,7 @@ impl PageSource for StoreSource {
             match reg.chunk(c) {
                 None => dst.fill(0),
                 Some(id) => {
-                    let d = self.span(region, c, id).map_err(|e| SourceError::Store {
+                    let d = self.inner.span(region, c, id).map_err(|e| SourceError::Store {
                         region,
                         first: p,
                         count: e_count(p, b),
@@ -252,7 +339,7 @@ impl PageSource for StoreSource {
     }
 
     fn zero_runs(&self, region: usize) -> Option<Vec<(u64, u64)>> {
-        let reg = self.img.manifest().regions.get(region)?;
+        let reg = self.inner.img.manifest().regions.get(region)?;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for (c, id) in reg.chunks.iter().enumerate() {
             if id.is_some() {

@@ -100,12 +100,19 @@ impl Store {
                         max_retries: usize::MAX,
                         retry_timeout: opts.deadline,
                     })
-                    .with_client_options(
-                        ClientOptions::new()
+                    .with_client_options({
+                        let c = ClientOptions::new()
                             .with_allow_http(http)
                             .with_connect_timeout(Duration::from_secs(2))
-                            .with_timeout(opts.deadline.max(Duration::from_secs(5))),
-                    );
+                            .with_timeout(opts.deadline.max(Duration::from_secs(5)));
+                        // On a plain-HTTP store (a private network) a new
+                        // connection per request: Garage answers in two
+                        // writes with Nagle on, and on a reused connection
+                        // the second waits for the client's delayed ACK
+                        // (44 ms a GET against 3.7 ms fresh, measured with
+                        // curl). A fresh connection is acknowledged at once.
+                        if http { c.with_pool_max_idle_per_host(0) } else { c }
+                    });
                 let s3: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(open_err)?);
                 if prefix.is_empty() {
                     s3
