@@ -246,3 +246,107 @@ fn walk(d: &Path) -> Vec<std::path::PathBuf> {
     }
     v
 }
+
+/// Three Garage nodes with replication 3 across the lab's two namespaces
+/// (the restoring host talks to the one beside it); one of the others is
+/// killed during a lazy restore, which completes to the right checksum;
+/// then the node the host talks to is killed during another, whose pages
+/// fail closed once the store stays unreachable past the deadline, the
+/// error naming the store and the chunk.
+#[test]
+fn a_three_node_store_survives_a_dead_node_and_fails_closed_when_gone() {
+    if !kvm_ok("store_cluster") {
+        return;
+    }
+    if let Some(why) = livepage_netlab::Lab::available() {
+        livepage_testutil::skip("store_cluster", &why);
+        return;
+    }
+    if garage::binary().is_none() {
+        livepage_testutil::skip(
+            "store_cluster",
+            "garage is not installed (cargo install garage --locked)",
+        );
+        return;
+    }
+    let lab = livepage_netlab::Lab::new().unwrap();
+    lab.shape(1000, 20).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let node = |ns: &str, ip, port| garage::NodeSpec {
+        netns: Some(ns.to_string()),
+        ip: std::net::IpAddr::V4(ip),
+        port,
+    };
+    let mut g = Garage::start(
+        &d.path().join("garage"),
+        &[
+            node(&lab.b, lab.addr_b, 3900),
+            node(&lab.b, lab.addr_b, 3910),
+            node(&lab.a, lab.addr_a, 3900),
+        ],
+        3,
+        2,
+    )
+    .unwrap();
+    let env = g.env();
+    let head = checkpoints(&d.path().join("ck"));
+    let url = format!("s3://{}/cluster", g.bucket);
+    let in_a = |args: &[&str]| {
+        let mut c = lab.command(&lab.a, env!("CARGO_BIN_EXE_livepage"));
+        c.envs(env.iter().map(|(k, v)| (k, v))).args(args);
+        c
+    };
+    let push = in_a(&["push", "--json", head.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    json(&push);
+    let img = format!("{url}/checkpoint-0002.img");
+
+    // A node the host does not talk to dies mid-restore.
+    let child = in_a(&["vm", "resume", &img, "--lazy", "--no-chunk-cache", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    g.kill(0);
+    let r = json(&child.wait_with_output().unwrap());
+    assert_eq!(r["matches_reference"], true, "{r}");
+
+    // The node it talks to dies: pages fail closed after the deadline.
+    let t0 = std::time::Instant::now();
+    let child = in_a(&[
+        "vm",
+        "resume",
+        &img,
+        "--lazy",
+        "--no-chunk-cache",
+        "--prefetch",
+        "none",
+        "--store-deadline",
+        "2",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    g.kill(2);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("fail-closed error: {err}");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains("s3://livepage/cluster") && err.contains("chunks/"),
+        "the error names the store and the chunk: {err}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        t0.elapsed()
+    );
+}

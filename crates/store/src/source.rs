@@ -128,7 +128,9 @@ impl StoreSource {
     fn read_ahead(&self, region: usize, c: usize) {
         let reg = &self.inner.img.manifest().regions[region];
         let want = (c + 1 + AHEAD).min(reg.chunks.len()) as u64;
-        let from = self.mark[region].fetch_max(want, Ordering::Relaxed).max(c as u64 + 1);
+        let from = self.mark[region]
+            .fetch_max(want, Ordering::Relaxed)
+            .max(c as u64 + 1);
         if from >= want {
             return;
         }
@@ -309,7 +311,10 @@ impl PageSource for StoreSource {
         }
         let reg = &self.inner.img.manifest().regions[region];
         if lane == Lane::Background {
-            self.read_ahead(region, ((first + n).saturating_sub(1) / reg.chunk_pages) as usize);
+            self.read_ahead(
+                region,
+                ((first + n).saturating_sub(1) / reg.chunk_pages) as usize,
+            );
         }
         let mut any = false;
         let mut p = first;
@@ -321,13 +326,16 @@ impl PageSource for StoreSource {
             match reg.chunk(c) {
                 None => dst.fill(0),
                 Some(id) => {
-                    let d = self.inner.span(region, c, id).map_err(|e| SourceError::Store {
-                        region,
-                        first: p,
-                        count: e_count(p, b),
-                        fatal: e.is_unreachable(),
-                        cause: e,
-                    })?;
+                    let d = self
+                        .inner
+                        .span(region, c, id)
+                        .map_err(|e| SourceError::Store {
+                            region,
+                            first: p,
+                            count: e_count(p, b),
+                            fatal: e.is_unreachable(),
+                            cause: e,
+                        })?;
                     let off = ((p - a) as usize) * ps;
                     dst.copy_from_slice(&d[off..off + dst.len()]);
                     any = true;
