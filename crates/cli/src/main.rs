@@ -154,6 +154,10 @@ enum BenchCommand {
     /// method at several write rates over 1 Gbit/s and 100 Mbit/s + 10 ms,
     /// beside stop-and-copy and the physical limit.
     Migrate(bench::migrate::MigrateBenchArgs),
+    /// Images in an object store (Garage, started here) over loopback and a
+    /// 1 Gbit/s link: push (dedup, compression, clones) and lazy resume with
+    /// a cold and a warm chunk cache, beside local files and copy-first.
+    Store(bench::store::StoreBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +208,8 @@ fn main() -> ExitCode {
             .and_then(|r| report(args.json, &r, || bench::restore::render(&r))),
         Command::Bench(BenchCommand::Migrate(args)) => bench::migrate::run(&args)
             .and_then(|r| report(args.json, &r, || bench::migrate::render(&r))),
+        Command::Bench(BenchCommand::Store(args)) => bench::store::run(&args)
+            .and_then(|r| report(args.json, &r, || bench::store::render(&r))),
         Command::Bench(BenchCommand::Firecracker(args)) => bench::firecracker::run(&args)
             .and_then(|r| report(args.json, &r, || bench::firecracker::render(&r))),
         Command::Bench(BenchCommand::Snapshot(args)) => {

@@ -578,6 +578,14 @@ pub struct Pushed {
 }
 
 impl Pusher {
+    /// Whether every page is done (or the restore failed): nothing more to
+    /// offer.
+    pub fn finished(&self) -> bool {
+        self.engine.states.all_done()
+            || self.engine.failed.load(Ordering::Acquire)
+            || self.engine.background_stop.load(Ordering::Acquire)
+    }
+
     /// Offers source pages `[first, first + data.len()/page_size)` of
     /// `region` with their contents. Pages done already (placed, resident,
     /// discarded) are skipped; pages another placer holds are listed as busy.

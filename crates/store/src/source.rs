@@ -42,6 +42,9 @@ pub struct SourceStats {
     pub fetch_ms: f64,
 }
 
+/// A decoded chunk to place: region, first page, bytes.
+type Decoded = (usize, u64, Arc<Vec<u8>>);
+
 type Slot = Arc<(
     Mutex<Option<Result<Arc<Vec<u8>>, Arc<StoreError>>>>,
     Condvar,
@@ -60,6 +63,8 @@ pub struct StoreSource {
 }
 
 struct Inner {
+    /// Where decoded chunks go to be placed whole (see [`StoreSource::attach`]).
+    placer: std::sync::OnceLock<Mutex<std::sync::mpsc::SyncSender<Decoded>>>,
     img: StoreImage,
     cache: Option<Arc<ChunkCache>>,
     shapes: Vec<SourceRegion>,
@@ -124,6 +129,35 @@ impl StoreSource {
         self.inner.stats()
     }
 
+    /// Places every chunk this source decodes whole, through `pusher`, so
+    /// a chunk is fetched and decoded once however its pages are touched
+    /// (faults then find most pages of a chunk placed). A thread does it
+    /// until the restore is finished.
+    pub fn attach(&self, mut pusher: livepage_restore::Pusher) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(64);
+        if self.inner.placer.set(Mutex::new(tx)).is_err() {
+            return;
+        }
+        let h = std::thread::Builder::new()
+            .name("lp-place-chunks".into())
+            .spawn(move || {
+                while !pusher.finished() {
+                    match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                        Ok((region, first, data)) => {
+                            if pusher.push(region, first, &data).is_err() {
+                                break;
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+        if let (Ok(h), Ok(mut t)) = (h, self.threads.lock()) {
+            t.push(h);
+        }
+    }
+
     /// Asks the read-ahead for the chunks after `c` of `region`.
     fn read_ahead(&self, region: usize, c: usize) {
         let reg = &self.inner.img.manifest().regions[region];
@@ -169,6 +203,7 @@ impl Inner {
             })
             .collect();
         Inner {
+            placer: std::sync::OnceLock::new(),
             img,
             cache,
             shapes,
@@ -232,6 +267,13 @@ impl Inner {
                 .unwrap_or_else(|| Err(Arc::new(StoreError::Unsupported("lost".into()))));
         }
         let r = self.load(region, c, id).map(Arc::new).map_err(Arc::new);
+        if let (Ok(d), Some(p)) = (&r, self.placer.get()) {
+            let first = self.img.manifest().regions[region].span(c).0;
+            if let Ok(tx) = p.lock() {
+                // Full: the prefetcher places it instead.
+                let _ = tx.try_send((region, first, d.clone()));
+            }
+        }
         if let Ok(d) = &r {
             if let Ok(mut m) = self.memory.lock() {
                 m.push_back((id, d.clone()));

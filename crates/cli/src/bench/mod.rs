@@ -7,6 +7,7 @@ pub mod firecracker;
 pub mod migrate;
 pub mod restore;
 pub mod snapshot;
+pub mod store;
 pub mod track;
 
 /// The value at quantile `q` of sorted samples (0 when empty).

@@ -200,10 +200,12 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 s
             }
         };
-        lazy = Some(
-            livepage_restore::start(vec![region.clone()], source, opts)
-                .context("starting the lazy restore")?,
-        );
+        let restore = livepage_restore::start(vec![region.clone()], source, opts)
+            .context("starting the lazy restore")?;
+        if let Some(s) = &from_store {
+            s.attach(restore.pusher());
+        }
+        lazy = Some(restore);
         region
     } else {
         let bar = crate::progress::bar(opened.pages(), "loading");
