@@ -38,9 +38,18 @@ pub struct FirecrackerArgs {
     #[arg(long)]
     pub mem_file: Option<PathBuf>,
     /// A livepage image (or delta chain) whose regions, end to end, are the
-    /// guest memory (`livepage import-firecracker` makes one).
+    /// guest memory (`livepage import-firecracker` makes one); or an image
+    /// in a store (dir:///path/NAME, s3://bucket/prefix/NAME), its chunks
+    /// fetched on demand through the host's chunk cache and shared by every
+    /// VM served.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: crate::store::StoreArgs,
+    /// With an image in a store: the host's chunk cache (default
+    /// $LIVEPAGE_CHUNK_CACHE, else ~/.cache/livepage/chunks).
+    #[arg(long)]
+    pub chunk_cache: Option<PathBuf>,
     /// Fault handler threads per VM.
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub handlers: usize,
@@ -152,7 +161,28 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
     let backing = match (&args.mem_file, &args.image) {
         (Some(f), None) => Backing::mem_file(f)
             .with_context(|| format!("opening the memory file {}", f.display()))?,
-        (None, Some(i)) => Backing::image(i)?,
+        (None, Some(i)) if crate::store::is_store_image(i) => {
+            if args.working_set.is_none()
+                && (args.record_working_set || args.prefetch == FcPrefetch::Recorded)
+            {
+                bail!(
+                    "an image in a store has no file beside it for the working set: name one with --working-set"
+                );
+            }
+            let img = crate::store::open_image(i, &args.store)?;
+            let cache = crate::store::cache(args.chunk_cache.as_deref(), 4096)?;
+            let name = img.url();
+            Backing::source(
+                &name,
+                Arc::new(livepage_store::StoreSource::new(img, Some(cache))),
+            )
+        }
+        (None, Some(i)) => {
+            if args.chunk_cache.is_some() {
+                bail!("--chunk-cache applies to an image in a store (dir:// or s3://)");
+            }
+            Backing::image(i)?
+        }
         _ => bail!("give exactly one of --mem-file and --image"),
     };
     let listener = bind(&args.socket)?;

@@ -194,6 +194,39 @@ fn serves_firecracker_from_a_livepage_image() {
     let ev = events(&srv, 2);
     assert_eq!(ev[1]["event"], "finished", "{ev:?}");
     assert!(srv.child.wait().unwrap().success());
+
+    // The same image from a chunk store: two VMs, the second served from
+    // the chunk cache the first filled.
+    let store = format!("dir://{}", dir.path().join("store").display());
+    let push = std::process::Command::new(env!("CARGO_BIN_EXE_livepage"))
+        .args(["push", img.to_str().unwrap(), &store])
+        .output()
+        .unwrap();
+    assert!(
+        push.status.success(),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
+    let url = format!("{store}/vm.img");
+    let cache = dir.path().join("cache");
+    let mut srv = server_with(
+        dir.path(),
+        &["--image", &url, "--chunk-cache", cache.to_str().unwrap()],
+        &["--max-vms", "2"],
+    );
+    run_vm(&srv.socket, &want);
+    run_vm(&srv.socket, &want);
+    let ev = events(&srv, 4);
+    assert_eq!(
+        ev.iter().filter(|e| e["event"] == "finished").count(),
+        2,
+        "{ev:?}"
+    );
+    assert!(srv.child.wait().unwrap().success());
+    assert!(
+        std::fs::read_dir(&cache).unwrap().count() > 0,
+        "the cache holds chunks"
+    );
 }
 
 #[test]

@@ -203,9 +203,12 @@ fn a_corrupt_chunk_fails_the_restore_naming_image_chunk_and_pages() {
     // Flip a byte in the middle of every chunk of guest pages (the VM
     // state's is left alone: the restore gets to its pages).
     let img = format!("{url}/checkpoint-0003.img");
-    let manifest = std::fs::read_to_string(root.join("images/checkpoint-0003.img")).unwrap();
-    let body: serde_json::Value =
-        serde_json::from_str(manifest.split_once('\n').unwrap().1).unwrap();
+    let body = json(
+        &livepage(&[])
+            .args(["inspect", "--json", &img])
+            .output()
+            .unwrap(),
+    );
     let state = body["vm_state"].as_str().unwrap().to_string();
     let chunks: Vec<_> = walk(&root.join("chunks"))
         .into_iter()

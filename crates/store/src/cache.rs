@@ -16,7 +16,7 @@ use crate::error::{StoreError, local};
 pub struct ChunkCache {
     dir: PathBuf,
     max_bytes: u64,
-    used: AtomicU64,
+    used: std::sync::Arc<AtomicU64>,
     evicting: Mutex<()>,
 }
 
@@ -35,17 +35,35 @@ impl ChunkCache {
     }
 
     /// Opens (creating) the cache at `dir`, holding at most `max_bytes`.
+    /// What it holds is counted in the background (a large cache takes a
+    /// while to list, and a restore should not wait for that).
     pub fn open(dir: &Path, max_bytes: u64) -> Result<ChunkCache, StoreError> {
         std::fs::create_dir_all(dir).map_err(local("creating the chunk cache", dir))?;
         let c = ChunkCache {
             dir: dir.to_path_buf(),
             max_bytes,
-            used: AtomicU64::new(0),
+            used: std::sync::Arc::new(AtomicU64::new(0)),
             evicting: Mutex::new(()),
         };
-        let used = c.files().iter().map(|f| f.1).sum();
-        c.used.store(used, Ordering::Relaxed);
+        let (d, used) = (c.dir.clone(), c.used.clone());
+        let count = move || {
+            let n: u64 = files_of(&d).iter().map(|f| f.1).sum();
+            used.fetch_add(n, Ordering::Relaxed);
+        };
+        if std::thread::Builder::new()
+            .name("lp-cache-count".into())
+            .spawn(count.clone())
+            .is_err()
+        {
+            count();
+        }
         Ok(c)
+    }
+
+    /// Waits until the background count is in (tests).
+    #[cfg(test)]
+    fn counted(&self) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
     /// The directory.
@@ -65,26 +83,8 @@ impl ChunkCache {
 
     /// Every cached file: (path, bytes, last use).
     fn files(&self) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
-        let mut out = Vec::new();
-        let Ok(top) = std::fs::read_dir(&self.dir) else {
-            return out;
-        };
-        for d in top.flatten() {
-            let Ok(inner) = std::fs::read_dir(d.path()) else {
-                continue;
-            };
-            for f in inner.flatten() {
-                if let Ok(m) = f.metadata() {
-                    if m.is_file() && !f.file_name().to_string_lossy().starts_with('.') {
-                        let t = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                        out.push((f.path(), m.len(), t));
-                    }
-                }
-            }
-        }
-        out
+        files_of(&self.dir)
     }
-
     /// The cached object of `id`, if any (its use time refreshed).
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let p = self.path(id);
@@ -154,6 +154,28 @@ impl ChunkCache {
     }
 }
 
+/// Every file of the cache at `dir`: (path, bytes, last use).
+fn files_of(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let Ok(top) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for d in top.flatten() {
+        let Ok(inner) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in inner.flatten() {
+            if let Ok(m) = f.metadata() {
+                if m.is_file() && !f.file_name().to_string_lossy().starts_with('.') {
+                    let t = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    out.push((f.path(), m.len(), t));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +196,7 @@ mod tests {
         assert!(c.get(&ids[1]).is_none());
         // A second handle (another process) sees the same contents.
         let c2 = ChunkCache::open(d.path(), 10_000).unwrap();
+        c2.counted();
         assert_eq!(c2.used(), c.used());
         c2.remove(&ids[29]);
         assert!(c.get(&ids[29]).is_none());

@@ -113,6 +113,9 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     livepage_testvm::check_host()?;
+    // The clock runs from before the image is opened: for a store, the
+    // manifest and VM state fetches count.
+    let t_load = Instant::now();
     let opened = if remote {
         Opened::Store(crate::store::open_image(&args.image, &args.store)?)
     } else {
@@ -150,7 +153,6 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         workload: state.workload,
     };
     check_memory(&spec, kind)?;
-    let t_load = Instant::now();
     let mut lazy = None;
     let mut wset_out = None;
     let mut from_store = None;

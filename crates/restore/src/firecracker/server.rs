@@ -23,7 +23,6 @@ use crate::stats::RestoreStats;
 use crate::working_set::WorkingSet;
 
 /// What the VMs' pages are read from.
-#[derive(Debug)]
 pub enum Backing {
     /// Firecracker's raw memory snapshot file.
     MemFile {
@@ -34,13 +33,27 @@ pub enum Backing {
         /// Its length.
         len: u64,
     },
-    /// A livepage image (or chain), its regions end to end.
+    /// A livepage image (a chain on disk, or an image in a store), its
+    /// regions end to end.
     Image {
-        /// The chain.
-        source: Arc<ChainSource>,
-        /// The head's path.
+        /// Its pages.
+        source: Arc<dyn PageSource>,
+        /// The head's path or address.
         path: PathBuf,
     },
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::MemFile { path, len, .. } => f
+                .debug_struct("MemFile")
+                .field("path", path)
+                .field("len", len)
+                .finish(),
+            Backing::Image { path, .. } => f.debug_struct("Image").field("path", path).finish(),
+        }
+    }
 }
 
 /// Why a VM's regions cannot be served from the backing.
@@ -98,13 +111,24 @@ impl Backing {
         })
     }
 
+    /// Serves an image from any page source (an image in a store), named
+    /// `name` in reports.
+    pub fn source(name: &str, source: Arc<dyn PageSource>) -> Backing {
+        Backing::Image {
+            source,
+            path: PathBuf::from(name),
+        }
+    }
+
     /// Bytes of guest memory it holds.
     pub fn len(&self) -> u64 {
         match self {
             Backing::MemFile { len, .. } => *len,
-            Backing::Image { source, .. } => {
-                source.chain().head().regions().iter().map(|r| r.len).sum()
-            }
+            Backing::Image { source, .. } => source
+                .regions()
+                .iter()
+                .map(|r| r.pages * r.page_size as u64)
+                .sum(),
         }
     }
 
@@ -161,24 +185,28 @@ impl Backing {
             }
             Backing::Image { source, .. } => {
                 // The image's regions end to end; a VM region may span several.
-                let regions = source.chain().head().regions();
+                let regions: Vec<(u64, u64)> = source
+                    .regions()
+                    .iter()
+                    .map(|r| (r.pages * r.page_size as u64, r.page_size as u64))
+                    .collect();
                 let mut ranges = Vec::new();
                 for (i, m) in maps.iter().enumerate() {
                     let ps = m.page_bytes();
                     let (mut off, end) = (m.offset, m.offset + m.size);
                     let mut base = 0u64;
-                    for (ri, r) in regions.iter().enumerate() {
-                        let (rs, re) = (base, base + r.len);
+                    for (ri, &(len, page_size)) in regions.iter().enumerate() {
+                        let (rs, re) = (base, base + len);
                         base = re;
                         if off >= re || off >= end || end <= rs {
                             continue;
                         }
-                        if r.page_size != ps {
+                        if page_size != ps {
                             return Err(BackingError::PageSize {
                                 index: i,
                                 vm_page_size: ps,
                                 image_region: ri,
-                                image_page_size: r.page_size,
+                                image_page_size: page_size,
                             });
                         }
                         if (off - rs) % ps != 0 {
@@ -201,10 +229,7 @@ impl Backing {
                         off = stop;
                     }
                 }
-                Ok((
-                    source.clone() as Arc<dyn PageSource>,
-                    AddressMap::new(ranges)?,
-                ))
+                Ok((source.clone(), AddressMap::new(ranges)?))
             }
         }
     }
