@@ -17,6 +17,8 @@ pub struct ChunkCache {
     dir: PathBuf,
     max_bytes: u64,
     used: std::sync::Arc<AtomicU64>,
+    /// The files already there are counted once, on the first store.
+    counting: std::sync::Once,
     evicting: Mutex<()>,
 }
 
@@ -35,34 +37,43 @@ impl ChunkCache {
     }
 
     /// Opens (creating) the cache at `dir`, holding at most `max_bytes`.
-    /// What it holds is counted in the background (a large cache takes a
-    /// while to list, and a restore should not wait for that).
+    /// What it holds already is counted in the background when the first
+    /// chunk is stored (a large cache takes a while to list: a restore
+    /// that only reads from it never waits for that).
     pub fn open(dir: &Path, max_bytes: u64) -> Result<ChunkCache, StoreError> {
         std::fs::create_dir_all(dir).map_err(local("creating the chunk cache", dir))?;
         let c = ChunkCache {
             dir: dir.to_path_buf(),
             max_bytes,
             used: std::sync::Arc::new(AtomicU64::new(0)),
+            counting: std::sync::Once::new(),
             evicting: Mutex::new(()),
         };
-        let (d, used) = (c.dir.clone(), c.used.clone());
-        let count = move || {
-            let n: u64 = files_of(&d).iter().map(|f| f.1).sum();
-            used.fetch_add(n, Ordering::Relaxed);
-        };
-        if std::thread::Builder::new()
-            .name("lp-cache-count".into())
-            .spawn(count.clone())
-            .is_err()
-        {
-            count();
-        }
         Ok(c)
     }
 
-    /// Waits until the background count is in (tests).
+    /// Starts counting what the cache held when opened (once).
+    fn count(&self) {
+        self.counting.call_once(|| {
+            let (d, used) = (self.dir.clone(), self.used.clone());
+            let count = move || {
+                let n: u64 = files_of(&d).iter().map(|f| f.1).sum();
+                used.fetch_add(n, Ordering::Relaxed);
+            };
+            if std::thread::Builder::new()
+                .name("lp-cache-count".into())
+                .spawn(count.clone())
+                .is_err()
+            {
+                count();
+            }
+        });
+    }
+
+    /// Counts what the cache holds and waits for it (tests).
     #[cfg(test)]
     fn counted(&self) {
+        self.count();
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
@@ -108,6 +119,7 @@ impl ChunkCache {
     /// Stores the object of `id` (best effort: a full disk only costs
     /// the next read a fetch).
     pub fn put(&self, id: &ChunkId, obj: &[u8]) {
+        self.count();
         let p = self.path(id);
         if p.exists() {
             return;
