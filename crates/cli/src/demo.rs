@@ -87,8 +87,10 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         record_working_set: false,
         chunk_cache: None,
         no_chunk_cache: false,
-        chunk_cache_mib: 4096,
-        store: crate::store::StoreArgs { store_deadline: 30 },
+        chunk_cache_mib: None,
+        store: crate::store::StoreArgs {
+            store_deadline: None,
+        },
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -134,8 +136,10 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         record_working_set: false,
         chunk_cache: None,
         no_chunk_cache: false,
-        chunk_cache_mib: 4096,
-        store: crate::store::StoreArgs { store_deadline: 30 },
+        chunk_cache_mib: None,
+        store: crate::store::StoreArgs {
+            store_deadline: None,
+        },
         json,
     })?;
     if code != ExitCode::SUCCESS {
@@ -153,7 +157,9 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         name: None,
         level: 3,
         threads: 2,
-        store: crate::store::StoreArgs { store_deadline: 30 },
+        store: crate::store::StoreArgs {
+            store_deadline: None,
+        },
         json,
     })?;
     let code = crate::vm::resume::resume(&ResumeArgs {
@@ -168,8 +174,10 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         record_working_set: false,
         chunk_cache: Some(dir.join("chunk-cache")),
         no_chunk_cache: false,
-        chunk_cache_mib: 256,
-        store: crate::store::StoreArgs { store_deadline: 30 },
+        chunk_cache_mib: Some(256),
+        store: crate::store::StoreArgs {
+            store_deadline: None,
+        },
         json,
     })?;
     if code != ExitCode::SUCCESS {

@@ -227,11 +227,15 @@ fn main() -> ExitCode {
         Command::Inspect { image, store, json } if store::is_store_image(&image) => {
             store::inspect(&image, &store, json)
         }
-        Command::Inspect { image, json, .. } => inspect::inspect(&image, json),
+        Command::Inspect { image, store, json } => store
+            .only_for_stores(&image)
+            .and_then(|()| inspect::inspect(&image, json)),
         Command::Verify { image, store, json } if store::is_store_image(&image) => {
             store::verify(&image, &store, json)
         }
-        Command::Verify { image, json, .. } => verify::verify(&image, json),
+        Command::Verify { image, store, json } => store
+            .only_for_stores(&image)
+            .and_then(|()| verify::verify(&image, json)),
         Command::Push(a) => store::push(&a),
         Command::Pull(a) => store::pull(&a),
         Command::Ls(a) => store::ls(&a),

@@ -159,8 +159,14 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let backing = match (&args.mem_file, &args.image) {
-        (Some(f), None) => Backing::mem_file(f)
-            .with_context(|| format!("opening the memory file {}", f.display()))?,
+        (Some(f), None) => {
+            args.store.only_for_stores(f)?;
+            if args.chunk_cache.is_some() {
+                bail!("--chunk-cache applies to an image in a store (dir:// or s3://)");
+            }
+            Backing::mem_file(f)
+                .with_context(|| format!("opening the memory file {}", f.display()))?
+        }
         (None, Some(i)) if crate::store::is_store_image(i) => {
             if args.working_set.is_none()
                 && (args.record_working_set || args.prefetch == FcPrefetch::Recorded)
@@ -178,6 +184,7 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
             )
         }
         (None, Some(i)) => {
+            args.store.only_for_stores(i)?;
             if args.chunk_cache.is_some() {
                 bail!("--chunk-cache applies to an image in a store (dir:// or s3://)");
             }

@@ -17,18 +17,29 @@ use crate::table::Table;
 /// Options for reaching a store (every command that takes an address).
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Seconds a store request is retried (with backoff) before the store
-    /// counts as unreachable.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub store_deadline: u64,
+    /// With a store address: seconds a store request is retried (with
+    /// backoff) before the store counts as unreachable (default 30).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub store_deadline: Option<u64>,
 }
 
 impl StoreArgs {
     pub fn options(&self, create: bool) -> StoreOptions {
         StoreOptions {
-            deadline: Duration::from_secs(self.store_deadline),
+            deadline: Duration::from_secs(self.store_deadline.unwrap_or(30)),
             create,
         }
+    }
+
+    /// Refuses the store options for a local image.
+    pub fn only_for_stores(&self, image: &Path) -> anyhow::Result<()> {
+        if self.store_deadline.is_some() && !is_store_image(image) {
+            bail!(
+                "--store-deadline applies to an image in a store (dir:// or s3://), not to {}",
+                image.display()
+            );
+        }
+        Ok(())
     }
 }
 

@@ -353,3 +353,59 @@ fn a_three_node_store_survives_a_dead_node_and_fails_closed_when_gone() {
         t0.elapsed()
     );
 }
+
+/// Bad addresses and store options given to a local image are refused
+/// with what to write instead; no store is needed.
+#[test]
+fn bad_addresses_and_misplaced_store_options_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    std::fs::write(&img, b"not an image").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["ls".into(), "dir://relative/path".into()],
+            "absolute path",
+        ),
+        (
+            vec!["ls".into(), "http://host/x".into()],
+            "starts with dir://",
+        ),
+        (
+            vec!["ls".into(), format!("dir://{}/none", d.path().display())],
+            "livepage push",
+        ),
+        (
+            vec![
+                "inspect".into(),
+                img.display().to_string(),
+                "--store-deadline".into(),
+                "5".into(),
+            ],
+            "--store-deadline applies to an image in a store",
+        ),
+        (
+            vec![
+                "vm".into(),
+                "resume".into(),
+                img.display().to_string(),
+                "--lazy".into(),
+                "--no-chunk-cache".into(),
+            ],
+            "apply to an image in a store",
+        ),
+        (
+            vec!["pull".into(), img.display().to_string(), "out.img".into()],
+            "is not a store address",
+        ),
+        (
+            vec!["push".into(), img.display().to_string(), "s3://".into()],
+            "names a bucket",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = livepage(&[]).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -54,9 +54,10 @@ pub struct ResumeArgs {
     /// With a store address and --lazy: no chunk cache.
     #[arg(long, requires = "lazy", conflicts_with = "chunk_cache")]
     pub no_chunk_cache: bool,
-    /// The chunk cache's bound in MiB (least recently used chunks go).
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..))]
-    pub chunk_cache_mib: u64,
+    /// With a store address: the chunk cache's bound in MiB (least recently
+    /// used chunks go; default 4096).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+    pub chunk_cache_mib: Option<u64>,
     #[command(flatten)]
     pub store: crate::store::StoreArgs,
     /// Print JSON instead of a table.
@@ -101,9 +102,14 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let remote = crate::store::is_store_image(&args.image);
-    if !remote && (args.chunk_cache.is_some() || args.no_chunk_cache) {
-        bail!("--chunk-cache and --no-chunk-cache apply to an image in a store (dir:// or s3://)");
+    if !remote
+        && (args.chunk_cache.is_some() || args.no_chunk_cache || args.chunk_cache_mib.is_some())
+    {
+        bail!(
+            "--chunk-cache, --no-chunk-cache and --chunk-cache-mib apply to an image in a store (dir:// or s3://)"
+        );
     }
+    args.store.only_for_stores(&args.image)?;
     if remote
         && args.working_set.is_none()
         && (args.record_working_set || args.prefetch == Some(PrefetchArg::Recorded))
@@ -194,7 +200,7 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     Some(crate::store::cache(
                         args.chunk_cache.as_deref(),
-                        args.chunk_cache_mib,
+                        args.chunk_cache_mib.unwrap_or(4096),
                     )?)
                 };
                 let s = Arc::new(livepage_store::StoreSource::new(img, cache));
