@@ -187,8 +187,85 @@ impl Window {
     }
 }
 
+/// The destination's side of the window: bytes applied, acknowledged in
+/// steps of at least [`Acks::STEP`]. Several threads (bulk readers, the
+/// control reader for stale-list frames) apply bytes at once.
+#[derive(Debug, Default)]
+pub(crate) struct Acks {
+    applied: std::sync::atomic::AtomicU64,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Acks {
+    /// Bytes between two acknowledgements.
+    pub(crate) const STEP: u64 = 8 << 10;
+
+    /// `bytes` more are applied; returns the total to acknowledge, if one
+    /// is due. Totals returned only grow, though two threads may send
+    /// theirs out of order (the source ignores one below what it has).
+    pub(crate) fn add(&self, bytes: u64) -> Option<u64> {
+        let done = self
+            .applied
+            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst)
+            + bytes;
+        let last = self.last.load(std::sync::atomic::Ordering::SeqCst);
+        (done.saturating_sub(last) >= Self::STEP
+            && self
+                .last
+                .compare_exchange(
+                    last,
+                    done,
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                )
+                .is_ok())
+        .then_some(done)
+    }
+
+    /// A new link generation starts from zero.
+    pub(crate) fn reset(&self) {
+        self.applied.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.last.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn acks_from_racing_threads_never_go_back_or_fall_behind() {
+        let a = std::sync::Arc::new(super::Acks::default());
+        let sent = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (a, sent) = (a.clone(), &sent);
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        if let Some(n) = a.add(100 + (i * 7 + t) % 5000) {
+                            sent.lock().unwrap().push(n);
+                        }
+                    }
+                });
+            }
+        });
+        let sent = sent.into_inner().unwrap();
+        let total: u64 = (0..4u64)
+            .map(|t| {
+                (0..20_000u64)
+                    .map(|i| 100 + (i * 7 + t) % 5000)
+                    .sum::<u64>()
+            })
+            .sum();
+        let max = sent.iter().copied().max().unwrap();
+        assert!(
+            max <= total && total - max < super::Acks::STEP + 5100,
+            "{max} of {total}"
+        );
+        let mut sorted = sent.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), sent.len(), "each total acknowledged once");
+    }
+
     use super::*;
 
     #[test]

@@ -84,8 +84,7 @@ pub(crate) struct Session {
     pub(crate) precopy_pages: AtomicU64,
     pub(crate) pushed_pages: AtomicU64,
     /// Pushed bytes applied on the current generation, and the last ack.
-    applied: AtomicU64,
-    last_ack: AtomicU64,
+    acks: crate::window::Acks,
     pub(crate) events: Mutex<Sender<Event>>,
     pub(crate) rtt: Arc<Rtt>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -129,8 +128,7 @@ impl Session {
             bytes: Bytes::default(),
             precopy_pages: AtomicU64::new(0),
             pushed_pages: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
-            last_ack: AtomicU64::new(0),
+            acks: crate::window::Acks::default(),
             events: Mutex::new(events),
             rtt: Arc::new(Rtt::default()),
             threads: Mutex::new(Vec::new()),
@@ -407,8 +405,7 @@ impl Session {
         if let Ok(mut e) = self.ends.lock() {
             e.clear();
         }
-        self.applied.store(0, Ordering::SeqCst);
-        self.last_ack.store(0, Ordering::SeqCst);
+        self.acks.reset();
         let old = self
             .link
             .write()
@@ -652,9 +649,7 @@ impl Session {
     /// `bytes` of bulk data (pre-copy or pushed) are applied: the source
     /// may send that much more (acknowledged every 8 KiB).
     fn applied(&self, link: &Link, bytes: u64) -> Result<(), MigrateError> {
-        let done = self.applied.fetch_add(bytes, Ordering::SeqCst) + bytes;
-        if done - self.last_ack.load(Ordering::SeqCst) >= 8 << 10 {
-            self.last_ack.store(done, Ordering::SeqCst);
+        if let Some(done) = self.acks.add(bytes) {
             let mut a = Header::new(Kind::Ack);
             a.id = done;
             link.control.send(a, &[])?;
