@@ -409,3 +409,63 @@ fn bad_addresses_and_misplaced_store_options_are_refused() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// A working set recorded while resuming from a store is replayed first by
+/// the next resume from it (the store has no file beside the image: the
+/// working set is named).
+#[test]
+fn a_recorded_working_set_replays_from_a_store() {
+    if !kvm_ok("store_working_set") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let head = checkpoints(&d.path().join("ck"));
+    let url = format!("dir://{}", d.path().join("store").display());
+    json(
+        &livepage(&[])
+            .args(["push", "--json"])
+            .arg(&head)
+            .arg(&url)
+            .output()
+            .unwrap(),
+    );
+    let img = format!("{url}/checkpoint-0002.img");
+    let ws = d.path().join("ws");
+    let ws_arg = ws.to_str().unwrap();
+    let cache = d.path().join("cache");
+    let cache_arg = cache.to_str().unwrap();
+    resume(
+        &[],
+        &img,
+        &[
+            "--lazy",
+            "--record-working-set",
+            "--working-set",
+            ws_arg,
+            "--chunk-cache",
+            cache_arg,
+        ],
+    );
+    assert!(std::fs::metadata(&ws).unwrap().len() > 0);
+    let r = resume(
+        &[],
+        &img,
+        &[
+            "--lazy",
+            "--prefetch",
+            "recorded",
+            "--working-set",
+            ws_arg,
+            "--chunk-cache",
+            cache_arg,
+        ],
+    );
+    assert_eq!(r["store"]["from_store"], 0, "{r}");
+    // Without naming it, recording is refused.
+    let out = livepage(&[])
+        .args(["vm", "resume", &img, "--lazy", "--record-working-set"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--working-set"));
+}
