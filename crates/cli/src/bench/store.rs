@@ -40,9 +40,35 @@ pub struct StoreBenchArgs {
     /// Links.
     #[arg(long, value_enum, value_delimiter = ',', default_values = ["loopback", "1g"])]
     pub links: Vec<LinkArg>,
+    /// Resumes per row (a cold row gets a fresh cache each time); each
+    /// figure is the median.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub repeat: u32,
     /// JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// The median of each figure of `rows` (one resume each).
+fn median_row(rows: &[ResumeRow]) -> ResumeRow {
+    let f = |g: &dyn Fn(&ResumeRow) -> Option<f64>| median(rows.iter().filter_map(g).collect());
+    let u = |g: &dyn Fn(&ResumeRow) -> Option<u64>| {
+        median(rows.iter().filter_map(g).map(|x| x as f64).collect()).map(|x| x as u64)
+    };
+    let mut r = rows[0].clone();
+    r.until_vcpus_run_ms = f(&|x| Some(x.until_vcpus_run_ms)).unwrap_or(0.0);
+    r.until_resident_ms = f(&|x| x.until_resident_ms);
+    r.fault_p50_us = f(&|x| x.fault_p50_us);
+    r.fault_p99_us = f(&|x| x.fault_p99_us);
+    r.chunks_from_store = u(&|x| x.chunks_from_store);
+    r.chunks_from_cache = u(&|x| x.chunks_from_cache);
+    r
 }
 
 /// One resume.
@@ -83,6 +109,7 @@ pub struct StorageRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub mem_mib: u64,
+    pub repeat: u32,
     pub checkpoints: u32,
     pub storage: Vec<StorageRow>,
     pub resumes: Vec<ResumeRow>,
@@ -220,13 +247,18 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<Report> {
         .sum();
     let mut report = Report {
         mem_mib: args.mem >> 20,
+        repeat: args.repeat,
         checkpoints: args.checkpoints,
         storage: Vec::new(),
         resumes: Vec::new(),
     };
     eprintln!("resuming from the local files...");
-    let local = run_json(None, &[], &["vm", "resume", &head_s, "--lazy"])?;
-    let local_row = resume_row(LinkArg::Loopback, "local file, lazy", &local)?;
+    let mut locals = Vec::new();
+    for _ in 0..args.repeat {
+        let local = run_json(None, &[], &["vm", "resume", &head_s, "--lazy"])?;
+        locals.push(resume_row(LinkArg::Loopback, "local file, lazy", &local)?);
+    }
+    let local_row = median_row(&locals);
     let local_resident = local_row.until_resident_ms.unwrap_or(f64::NAN);
     report.resumes.push(local_row);
     for &link in &args.links {
@@ -279,27 +311,37 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<Report> {
             clone_ten_bytes: ten,
         });
         let img = format!("{url}/{head_name}");
-        let cache = dir.path().join(format!("cache-{link:?}"));
-        let cache_s = cache.to_str().context("UTF-8")?;
-        for (how, extra) in [
-            ("store, cold cache", vec!["--chunk-cache", cache_s]),
-            ("store, warm cache", vec!["--chunk-cache", cache_s]),
-            (
-                "store, warm cache, minor",
-                vec![
+        let warm = dir.path().join(format!("cache-{link:?}"));
+        for (how, cold, minor) in [
+            ("store, cold cache", true, false),
+            ("store, warm cache", false, false),
+            ("store, warm cache, minor", false, true),
+        ] {
+            let mut rows = Vec::new();
+            for rep in 0..args.repeat {
+                // A cold row starts from an empty cache each time; the
+                // first one leaves the cache the warm rows use.
+                let cache = if cold && rep > 0 {
+                    dir.path().join(format!("cache-{link:?}-{rep}"))
+                } else {
+                    warm.clone()
+                };
+                let cache_s = cache.to_str().context("UTF-8")?;
+                let mut a = vec![
+                    "vm",
+                    "resume",
+                    img.as_str(),
+                    "--lazy",
                     "--chunk-cache",
                     cache_s,
-                    "--mode",
-                    "minor",
-                    "--memory",
-                    "shmem",
-                ],
-            ),
-        ] {
-            let mut a = vec!["vm", "resume", img.as_str(), "--lazy"];
-            a.extend(extra);
-            let r = run_json(lab, &env, &a)?;
-            let mut row = resume_row(link, how, &r)?;
+                ];
+                if minor {
+                    a.extend(["--mode", "minor", "--memory", "shmem"]);
+                }
+                let r = run_json(lab, &env, &a)?;
+                rows.push(resume_row(link, how, &r)?);
+            }
+            let mut row = median_row(&rows);
             row.vs_local_file = row.until_resident_ms.map(|m| m / local_resident);
             report.resumes.push(row);
         }
@@ -381,9 +423,10 @@ pub fn render(r: &Report) -> String {
         ]);
     }
     format!(
-        "{} MiB test VM, a chain of {} live checkpoints\n{}\n{}",
+        "{} MiB test VM, a chain of {} live checkpoints; resumes: the median of {}\n{}\n{}",
         r.mem_mib,
         r.checkpoints,
+        r.repeat,
         t.render(),
         u.render()
     )
