@@ -1,4 +1,5 @@
-//! What a store hands back is untrusted: chunk objects and manifests. None
+//! What a store hands back is untrusted: chunk objects, manifests and
+//! span lists. None
 //! may panic; a chunk that decodes hashes to the id it was asked for; a
 //! manifest that parses is consistent and re-encodes to one that parses
 //! the same.
@@ -20,6 +21,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode(rest, &ChunkId([0; 32]));
     } else if let Ok(m) = Manifest::decode(rest) {
         m.check().expect("a decoded manifest is consistent");
-        assert_eq!(Manifest::decode(&m.encode()).ok(), Some(m));
+        assert_eq!(Manifest::decode(&m.encode()).ok(), Some(m.clone()));
+        // The same bytes as its span list: refused or consistent.
+        let mut with = m;
+        if with.set_spans(rest).is_ok() {
+            with.check_spans().expect("an accepted span list is consistent");
+        }
     }
 });

@@ -175,7 +175,7 @@ pub fn run(args: &FirecrackerArgs) -> anyhow::Result<ExitCode> {
                     "an image in a store has no file beside it for the working set: name one with --working-set"
                 );
             }
-            let img = crate::store::open_image(i, &args.store)?;
+            let img = crate::store::open_image_manifest(i, &args.store)?;
             let cache = crate::store::cache(args.chunk_cache.as_deref(), 4096)?;
             let name = img.url();
             Backing::source(

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use livepage_store::{
-    ChunkCache, Manifest, PushOptions, Store, StoreImage, StoreOptions, StoreUrl, is_url,
-};
+use livepage_store::{ChunkCache, PushOptions, Store, StoreImage, StoreOptions, StoreUrl, is_url};
 
 use crate::table::Table;
 
@@ -48,12 +46,24 @@ pub fn is_store_image(p: &Path) -> bool {
     p.to_str().is_some_and(is_url)
 }
 
-/// Opens the image at a store address (`dir:///path/NAME`, `s3://bucket/prefix/NAME`).
+/// Opens the image at a store address (`dir:///path/NAME`,
+/// `s3://bucket/prefix/NAME`), its span list included.
 pub fn open_image(url: &Path, args: &StoreArgs) -> anyhow::Result<StoreImage> {
+    let (store, name) = open_store(url, args)?;
+    Ok(StoreImage::open(store, &name)?)
+}
+
+/// Opens the image at a store address with its manifest only: what a lazy
+/// restore needs to start (its page source fetches the span list).
+pub fn open_image_manifest(url: &Path, args: &StoreArgs) -> anyhow::Result<StoreImage> {
+    let (store, name) = open_store(url, args)?;
+    Ok(StoreImage::open_manifest(store, &name)?)
+}
+
+fn open_store(url: &Path, args: &StoreArgs) -> anyhow::Result<(Arc<Store>, String)> {
     let url = url.to_str().context("a store address is UTF-8")?;
     let (store, name) = StoreUrl::parse_image(url)?;
-    let store = Arc::new(Store::open(&store, args.options(false))?);
-    Ok(StoreImage::open(store, &name)?)
+    Ok((Arc::new(Store::open(&store, args.options(false))?), name))
 }
 
 #[derive(Debug, Args)]
@@ -190,13 +200,19 @@ pub struct LsArgs {
 }
 
 pub fn ls(a: &LsArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&StoreUrl::parse(&a.url)?, a.store.options(false))?;
+    let store = Arc::new(Store::open(
+        &StoreUrl::parse(&a.url)?,
+        a.store.options(false),
+    )?);
     let mut rows = Vec::new();
     for l in store.list("images")? {
         let name = l.key.trim_start_matches("images/").to_string();
-        let m = store
-            .get(&l.key)?
-            .map(|o| Manifest::decode(&o).map_err(|e| e.to_string()));
+        let m = match StoreImage::open(store.clone(), &name) {
+            Ok(i) => Some(Ok(i.manifest().clone())),
+            // Deleted while listing.
+            Err(livepage_store::StoreError::NoImage { .. }) => None,
+            Err(e) => Some(Err(e.to_string())),
+        };
         rows.push((name, l.size, m));
     }
     let chunks = store.list("chunks")?;

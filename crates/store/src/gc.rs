@@ -10,7 +10,6 @@ use serde::Serialize;
 
 use crate::chunk::ChunkId;
 use crate::error::StoreError;
-use crate::manifest::Manifest;
 use crate::store::Store;
 
 /// What a gc run did.
@@ -45,15 +44,13 @@ pub fn gc(store: &Store, min_age: Duration, dry_run: bool) -> Result<GcReport, S
     let manifests = store.list("images")?;
     let mut named = HashSet::new();
     for l in &manifests {
-        let name = l.key.strip_prefix("images/").unwrap_or(&l.key).to_string();
-        let Some(obj) = store.get(&l.key)? else {
-            continue; // deleted meanwhile
+        let name = l.key.strip_prefix("images/").unwrap_or(&l.key);
+        let m = match crate::image::read_manifest(store, name) {
+            Ok(m) => m,
+            Err(StoreError::NoImage { .. }) => continue, // deleted meanwhile
+            // Its chunks are unknown: delete nothing.
+            Err(e) => return Err(e),
         };
-        let m = Manifest::decode(&obj).map_err(|problem| StoreError::BadManifest {
-            url: store.url().to_string(),
-            name,
-            problem,
-        })?;
         named.extend(m.chunk_ids());
     }
     let now = std::time::SystemTime::now()

@@ -25,21 +25,82 @@ pub(crate) fn part(m: &Manifest, region: usize, c: usize) -> String {
     }
 }
 
-impl StoreImage {
-    /// Reads and checks the manifest of image `name`.
-    pub fn open(store: Arc<Store>, name: &str) -> Result<StoreImage, StoreError> {
-        let obj = store
-            .get(&Manifest::key(name))?
-            .ok_or_else(|| StoreError::NoImage {
-                url: store.url().to_string(),
-                name: name.to_string(),
-            })?;
-        let manifest = Manifest::decode(&obj).map_err(|problem| StoreError::BadManifest {
+/// Reads and checks the manifest object of image `name` (no span list).
+pub(crate) fn read_root(store: &Store, name: &str) -> Result<Manifest, StoreError> {
+    let obj = store
+        .get(&Manifest::key(name))?
+        .ok_or_else(|| StoreError::NoImage {
             url: store.url().to_string(),
             name: name.to_string(),
-            problem,
         })?;
+    Manifest::decode(&obj).map_err(|problem| StoreError::BadManifest {
+        url: store.url().to_string(),
+        name: name.to_string(),
+        problem,
+    })
+}
+
+/// Fetches, verifies and applies the span list of `m`.
+pub(crate) fn load_spans(store: &Store, m: &mut Manifest) -> Result<(), StoreError> {
+    let id = ChunkId::parse(&m.spans).ok_or_else(|| StoreError::BadManifest {
+        url: store.url().to_string(),
+        name: m.name.clone(),
+        problem: crate::manifest::ManifestError::Invalid("no span list".into()),
+    })?;
+    let part = "span list";
+    let obj = store
+        .get(&id.key())?
+        .ok_or_else(|| StoreError::MissingChunk {
+            url: store.url().to_string(),
+            id,
+            image: m.name.clone(),
+            part: part.into(),
+        })?;
+    let raw = chunk::decode(&obj, &id).map_err(|problem| StoreError::BadChunk {
+        url: store.url().to_string(),
+        id,
+        image: m.name.clone(),
+        part: part.into(),
+        problem: Box::new(problem),
+    })?;
+    m.set_spans(&raw)
+        .map_err(|problem| StoreError::BadManifest {
+            url: store.url().to_string(),
+            name: m.name.clone(),
+            problem,
+        })
+}
+
+/// The whole manifest of image `name`, span list included.
+pub(crate) fn read_manifest(store: &Store, name: &str) -> Result<Manifest, StoreError> {
+    let mut m = read_root(store, name)?;
+    load_spans(store, &mut m)?;
+    Ok(m)
+}
+
+impl StoreImage {
+    /// Reads and checks the manifest of image `name` and its span list.
+    pub fn open(store: Arc<Store>, name: &str) -> Result<StoreImage, StoreError> {
+        let manifest = read_manifest(&store, name)?;
         Ok(StoreImage { store, manifest })
+    }
+
+    /// Reads and checks the manifest of image `name` only: what a restore
+    /// needs to start (regions, VM state). [`StoreSource`] fetches the span
+    /// list beside the first faults.
+    ///
+    /// [`StoreSource`]: crate::StoreSource
+    pub fn open_manifest(store: Arc<Store>, name: &str) -> Result<StoreImage, StoreError> {
+        let manifest = read_root(&store, name)?;
+        Ok(StoreImage { store, manifest })
+    }
+
+    /// Loads the span list if it is not loaded yet.
+    pub fn load_spans(&mut self) -> Result<(), StoreError> {
+        if self.manifest.has_spans() {
+            return Ok(());
+        }
+        load_spans(&self.store, &mut self.manifest)
     }
 
     /// The manifest.
@@ -87,6 +148,12 @@ impl StoreImage {
 
     /// The bytes of span `c` of `region` (`None`: zeros), from the store.
     pub fn read_span(&self, region: usize, c: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        if !self.manifest.has_spans() {
+            return Err(StoreError::Unsupported(format!(
+                "{}: the span list is not loaded (StoreImage::load_spans)",
+                self.url()
+            )));
+        }
         let Some(id) = self.manifest.regions.get(region).and_then(|r| r.chunk(c)) else {
             return Ok(None);
         };

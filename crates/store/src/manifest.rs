@@ -1,10 +1,13 @@
-//! Manifests: what an image is made of. One small object per image: a
-//! first line `livepage-manifest 1 <BLAKE3 of the rest>` and a
-//! zstd-compressed JSON body
-//! listing, per region, the chunk that holds each span of pages (`null`
-//! for an all-zero span). A manifest is self-contained (a delta's manifest
-//! lists every chunk of the checkpoint it stands for; unchanged spans name
-//! the parent's chunks), so reading an image never walks a chain.
+//! Manifests: what an image is made of. One small object per image whose
+//! size does not grow with the image: a first line `livepage-manifest 1
+//! <BLAKE3 of the rest>` and a zstd-compressed JSON body with the regions,
+//! the VM state's chunk, and the chunk holding the *span list*: per region,
+//! the chunk of each span of pages (`null` for an all-zero span). A lazy
+//! restore starts the guest from the manifest alone and fetches the span
+//! list beside its first faults. A manifest is self-contained (a delta's
+//! span list names every chunk of the checkpoint it stands for; unchanged
+//! spans name the parent's chunks), so reading an image never walks a
+//! chain.
 //! Kernel-free; docs/FORMAT.md "Chunked images".
 
 use serde::{Deserialize, Serialize};
@@ -17,9 +20,9 @@ pub const MAGIC: &str = "livepage-manifest";
 pub const VERSION: u32 = 1;
 /// Most regions a manifest may list.
 pub const MAX_REGIONS: usize = 64;
-/// The largest uncompressed body a reader accepts (a 1 TiB image's
-/// manifest is about 140 MiB of JSON: 2 Mi spans).
-pub const MAX_BODY: usize = 256 << 20;
+/// The largest uncompressed body a reader accepts (a body is well under
+/// a kilobyte per region).
+pub const MAX_BODY: usize = 1 << 20;
 
 /// One region of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +37,10 @@ pub struct Region {
     pub kind: u32,
     /// Pages each chunk spans (the last one may span fewer).
     pub chunk_pages: u64,
-    /// Per span, its chunk (`None`: all zeros).
+    /// Per span, its chunk (`None`: all zeros). Stored in the span list,
+    /// not in the manifest object: empty until the span list is loaded
+    /// ([`Manifest::set_spans`]).
+    #[serde(skip)]
     pub chunks: Vec<Option<String>>,
 }
 
@@ -82,6 +88,9 @@ pub struct Manifest {
     pub regions: Vec<Region>,
     /// The chunk holding the VM state, if any.
     pub vm_state: Option<String>,
+    /// The chunk holding the span list (JSON: per region, per span, a
+    /// chunk id or null).
+    pub spans: String,
 }
 
 /// Why bytes are not a manifest.
@@ -106,7 +115,43 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// The manifest object's bytes.
+    /// The span list's bytes (the chunk [`Manifest::spans`] names).
+    pub fn spans_bytes(&self) -> Vec<u8> {
+        let lists: Vec<&Vec<Option<String>>> = self.regions.iter().map(|r| &r.chunks).collect();
+        serde_json::to_vec(&lists).unwrap_or_default()
+    }
+
+    /// Fills every region's chunks from a span list's bytes, checked
+    /// against the regions.
+    pub fn set_spans(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
+        let lists: Vec<Vec<Option<String>>> = serde_json::from_slice(bytes)?;
+        if lists.len() != self.regions.len() {
+            return Err(ManifestError::Invalid(format!(
+                "the span list has {} regions, the manifest {}",
+                lists.len(),
+                self.regions.len()
+            )));
+        }
+        let old: Vec<_> = self.regions.iter().map(|r| r.chunks.clone()).collect();
+        for (r, l) in self.regions.iter_mut().zip(lists) {
+            r.chunks = l;
+        }
+        if let Err(e) = self.check_spans() {
+            for (r, o) in self.regions.iter_mut().zip(old) {
+                r.chunks = o;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether the span list is loaded.
+    pub fn has_spans(&self) -> bool {
+        self.regions.iter().all(|r| !r.chunks.is_empty())
+    }
+
+    /// The manifest object's bytes (the span list goes in its own chunk,
+    /// [`Manifest::spans`]).
     pub fn encode(&self) -> Vec<u8> {
         let json = serde_json::to_vec(self).unwrap_or_default();
         let body = zstd::bulk::compress(&json, 9).unwrap_or_default();
@@ -167,6 +212,25 @@ impl Manifest {
             {
                 return bad(format!("region {i}: {} pages per chunk", r.chunk_pages));
             }
+        }
+        if let Some(v) = &self.vm_state {
+            if ChunkId::parse(v).is_none() {
+                return bad(format!("VM state chunk id {v:?} is not 64 hex digits"));
+            }
+        }
+        if ChunkId::parse(&self.spans).is_none() {
+            return bad(format!(
+                "span list chunk id {:?} is not 64 hex digits",
+                self.spans
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the span list against the regions.
+    pub fn check_spans(&self) -> Result<(), ManifestError> {
+        let bad = |s: String| Err(ManifestError::Invalid(s));
+        for (i, r) in self.regions.iter().enumerate() {
             let want = r.pages().div_ceil(r.chunk_pages);
             if r.chunks.len() as u64 != want {
                 return bad(format!(
@@ -183,20 +247,17 @@ impl Manifest {
                 return bad(format!("region {i}: chunk id {c:?} is not 64 hex digits"));
             }
         }
-        if let Some(v) = &self.vm_state {
-            if ChunkId::parse(v).is_none() {
-                return bad(format!("VM state chunk id {v:?} is not 64 hex digits"));
-            }
-        }
         Ok(())
     }
 
-    /// Every chunk it names (VM state included), with repeats.
+    /// Every chunk it names (VM state and span list included; the spans'
+    /// chunks once loaded), with repeats.
     pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
         self.regions
             .iter()
             .flat_map(|r| r.chunks.iter().flatten())
             .chain(self.vm_state.iter())
+            .chain(std::iter::once(&self.spans))
             .filter_map(|c| ChunkId::parse(c))
     }
 
@@ -240,29 +301,51 @@ mod tests {
                     .collect(),
             }],
             vm_state: Some(ChunkId::of(b"state").to_string()),
+            spans: ChunkId::of(b"spans").to_string(),
         }
     }
 
     #[test]
     fn round_trips_and_names_its_chunks() {
         let m = sample(1000, 128);
-        let back = Manifest::decode(&m.encode()).unwrap();
+        let mut back = Manifest::decode(&m.encode()).unwrap();
+        assert!(!back.has_spans());
+        back.set_spans(&m.spans_bytes()).unwrap();
         assert_eq!(back, m);
         assert_eq!(m.regions[0].span(7), (896, 1000));
-        assert_eq!(m.chunk_ids().count(), 5 + 1);
+        assert_eq!(m.chunk_ids().count(), 5 + 1 + 1);
+        // The object does not grow with the image.
+        assert!(sample(1 << 20, 128).encode().len() < 400);
+    }
+
+    #[test]
+    fn inconsistent_span_lists_are_refused() {
+        let m = sample(1000, 128);
+        let mut short = m.clone();
+        short.regions[0].chunks.pop();
+        let mut back = Manifest::decode(&m.encode()).unwrap();
+        assert!(matches!(
+            back.set_spans(&short.spans_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
+        assert!(!back.has_spans(), "a refused list leaves none");
+        let mut bad = sample(10, 128);
+        bad.regions[0].chunks[0] = Some("xyz".into());
+        let mut back = Manifest::decode(&bad.encode()).unwrap();
+        assert!(back.set_spans(&bad.spans_bytes()).is_err());
+        assert!(back.set_spans(b"[[null]]x").is_err());
+        let mut two = Manifest::decode(&m.encode()).unwrap();
+        assert!(two.set_spans(b"[[],[]]").is_err());
     }
 
     #[test]
     fn inconsistent_bodies_are_refused() {
-        let mut m = sample(1000, 128);
-        m.regions[0].chunks.pop();
+        let mut m = sample(10, 128);
+        m.spans = "nope".into();
         assert!(matches!(
             Manifest::decode(&m.encode()),
             Err(ManifestError::Invalid(_))
         ));
-        let mut m = sample(10, 128);
-        m.regions[0].chunks[0] = Some("xyz".into());
-        assert!(Manifest::decode(&m.encode()).is_err());
         let mut o = sample(10, 128).encode();
         let n = o.len();
         o[n - 3] ^= 1;
@@ -280,6 +363,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_do_not_panic(o in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Manifest::decode(&o);
+            let mut m = sample(10, 128);
+            let _ = m.set_spans(&o);
         }
 
         #[test]

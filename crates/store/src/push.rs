@@ -89,10 +89,10 @@ pub struct PushReport {
 pub(crate) fn referenced(store: &Store) -> Result<HashSet<ChunkId>, StoreError> {
     let mut set = HashSet::new();
     for l in store.list("images")? {
-        if let Some(obj) = store.get(&l.key)? {
-            if let Ok(m) = Manifest::decode(&obj) {
-                set.extend(m.chunk_ids());
-            }
+        let name = l.key.strip_prefix("images/").unwrap_or(&l.key);
+        // Unreadable or deleted meanwhile: its chunks are not shared.
+        if let Ok(m) = crate::image::read_manifest(store, name) {
+            set.extend(m.chunk_ids());
         }
     }
     Ok(set)
@@ -187,8 +187,8 @@ pub fn push(
         crate::url::check_name(&format!("{}/{name}", store.url()), &name)?;
         let id = img.id().to_string();
         let bytes: u64 = img.regions().iter().map(|r| r.len).sum();
-        if let Some(obj) = store.get(&Manifest::key(&name))? {
-            match Manifest::decode(&obj) {
+        if store.get(&Manifest::key(&name))?.is_some() {
+            match crate::image::read_manifest(store, &name) {
                 Ok(m) if m.image_id == id => {
                     done.fetch_add(bytes, Ordering::Relaxed);
                     progress(done.load(Ordering::Relaxed), total);
@@ -294,7 +294,7 @@ pub fn push(
             Some(s) => Some(sh.upload(s)?.to_string()),
             None => None,
         };
-        let m = Manifest {
+        let mut m = Manifest {
             name: name.clone(),
             image_id: id.clone(),
             parent: prev.as_ref().map(|p| p.name.clone()),
@@ -302,7 +302,9 @@ pub fn push(
             pushed: now(),
             regions,
             vm_state,
+            spans: String::new(),
         };
+        m.spans = sh.upload(&m.spans_bytes())?.to_string();
         let obj = m.encode();
         sh.sent.fetch_add(obj.len() as u64, Ordering::Relaxed);
         store.put(&Manifest::key(&name), obj)?;

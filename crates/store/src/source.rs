@@ -62,7 +62,13 @@ pub struct StoreSource {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+/// Per region, per span: its chunk (`None`: zeros).
+type Spans = Vec<Vec<Option<ChunkId>>>;
+
 struct Inner {
+    /// The span list, fetched once (in the background from the start, or
+    /// by the first read that needs it, whichever comes first).
+    spans: std::sync::OnceLock<Result<Spans, Arc<StoreError>>>,
     /// Where decoded chunks go to be placed whole (see [`StoreSource::attach`]).
     placer: std::sync::OnceLock<Mutex<std::sync::mpsc::SyncSender<Decoded>>>,
     img: StoreImage,
@@ -91,6 +97,17 @@ impl StoreSource {
     pub fn new(img: StoreImage, cache: Option<Arc<ChunkCache>>) -> StoreSource {
         let regions = img.manifest().regions.len();
         let inner = Arc::new(Inner::new(img, cache));
+        // The span list, fetched at once beside the guest's start (a no-op
+        // if the image came with it).
+        let loader = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("lp-span-list".into())
+                .spawn(move || {
+                    let _ = inner.spans();
+                })
+                .ok()
+        };
         let (tx, rx) = std::sync::mpsc::channel::<(usize, usize)>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..AHEAD_THREADS)
@@ -102,7 +119,7 @@ impl StoreSource {
                         loop {
                             let job = rx.lock().ok().and_then(|r| r.recv().ok());
                             let Some((region, c)) = job else { break };
-                            if let Some(id) = inner.img.manifest().regions[region].chunk(c) {
+                            if let Ok(Some(id)) = inner.chunk_of(region, c) {
                                 // Failures show when a read needs it.
                                 let _ = inner.span(region, c, id);
                             }
@@ -111,6 +128,8 @@ impl StoreSource {
                     .ok()
             })
             .collect();
+        let mut threads: Vec<_> = threads;
+        threads.extend(loader);
         StoreSource {
             inner,
             ahead: Mutex::new(Some(tx)),
@@ -161,7 +180,8 @@ impl StoreSource {
     /// Asks the read-ahead for the chunks after `c` of `region`.
     fn read_ahead(&self, region: usize, c: usize) {
         let reg = &self.inner.img.manifest().regions[region];
-        let want = (c + 1 + AHEAD).min(reg.chunks.len()) as u64;
+        let spans = reg.pages().div_ceil(reg.chunk_pages) as usize;
+        let want = (c + 1 + AHEAD).min(spans) as u64;
         let from = self.mark[region]
             .fetch_max(want, Ordering::Relaxed)
             .max(c as u64 + 1);
@@ -203,6 +223,7 @@ impl Inner {
             })
             .collect();
         Inner {
+            spans: std::sync::OnceLock::new(),
             placer: std::sync::OnceLock::new(),
             img,
             cache,
@@ -216,6 +237,33 @@ impl Inner {
             cache_bad: AtomicU64::new(0),
             fetch_us: AtomicU64::new(0),
         }
+    }
+
+    /// The span list (fetched on first use if the image came without it).
+    fn spans(&self) -> Result<&Spans, Arc<StoreError>> {
+        self.spans
+            .get_or_init(|| {
+                let mut img = self.img.clone();
+                img.load_spans().map_err(Arc::new)?;
+                Ok(img
+                    .manifest()
+                    .regions
+                    .iter()
+                    .map(|r| (0..r.chunks.len()).map(|c| r.chunk(c)).collect())
+                    .collect())
+            })
+            .as_ref()
+            .map_err(Arc::clone)
+    }
+
+    /// The chunk of span `c` of `region` (`None`: zeros).
+    fn chunk_of(&self, region: usize, c: usize) -> Result<Option<ChunkId>, Arc<StoreError>> {
+        Ok(self
+            .spans()?
+            .get(region)
+            .and_then(|r| r.get(c))
+            .copied()
+            .flatten())
     }
 
     fn stats(&self) -> SourceStats {
@@ -365,19 +413,17 @@ impl PageSource for StoreSource {
             let (a, b) = reg.span(c);
             let e = b.min(first + n);
             let dst = &mut buf[((p - first) as usize) * ps..((e - first) as usize) * ps];
-            match reg.chunk(c) {
+            let store_err = |e: Arc<StoreError>| SourceError::Store {
+                region,
+                first: p,
+                count: e_count(p, b),
+                fatal: e.is_unreachable(),
+                cause: e,
+            };
+            match self.inner.chunk_of(region, c).map_err(store_err)? {
                 None => dst.fill(0),
                 Some(id) => {
-                    let d = self
-                        .inner
-                        .span(region, c, id)
-                        .map_err(|e| SourceError::Store {
-                            region,
-                            first: p,
-                            count: e_count(p, b),
-                            fatal: e.is_unreachable(),
-                            cause: e,
-                        })?;
+                    let d = self.inner.span(region, c, id).map_err(store_err)?;
                     let off = ((p - a) as usize) * ps;
                     dst.copy_from_slice(&d[off..off + dst.len()]);
                     any = true;
@@ -390,8 +436,9 @@ impl PageSource for StoreSource {
 
     fn zero_runs(&self, region: usize) -> Option<Vec<(u64, u64)>> {
         let reg = self.inner.img.manifest().regions.get(region)?;
+        let spans = self.inner.spans().ok()?.get(region)?;
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (c, id) in reg.chunks.iter().enumerate() {
+        for (c, id) in spans.iter().enumerate() {
             if id.is_some() {
                 continue;
             }

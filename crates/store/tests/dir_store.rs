@@ -94,12 +94,12 @@ fn a_chain_pushes_once_per_distinct_chunk_and_reads_back_page_for_page() {
     let r = push(&paths[4], &store, &PushOptions::default(), &|_, _| {}).unwrap();
     assert_eq!(r.images.len(), 5);
     // Base: spans 0-1 data, span 2 half data (pages 256..300), 3-4 zero.
-    assert_eq!(r.images[0].chunks_new, 3 + 1); // + VM state
+    assert_eq!(r.images[0].chunks_new, 3 + 1 + 1); // + VM state, span list
     assert_eq!(r.images[0].chunks_zero, 2);
-    // Each delta changes span 0 only (pages < 50): one new chunk and its
-    // VM state; spans 1-2 are the parent's, 3-4 zero.
+    // Each delta changes span 0 only (pages < 50): one new chunk, its VM
+    // state and span list; spans 1-2 are the parent's, 3-4 zero.
     for k in 1..5 {
-        assert_eq!(r.images[k].chunks_new, 2, "{:?}", r.images[k]);
+        assert_eq!(r.images[k].chunks_new, 3, "{:?}", r.images[k]);
         assert_eq!(r.images[k].chunks_shared, 2);
     }
     let objects = store.list("chunks").unwrap();
@@ -121,6 +121,18 @@ fn a_chain_pushes_once_per_distinct_chunk_and_reads_back_page_for_page() {
         );
         let src = StoreSource::new(img.clone(), None);
         assert!(all_pages_of(&src) == want, "lazy read of {name}");
+        // From the manifest alone (the span list fetched by the source).
+        let bare = StoreImage::open_manifest(store.clone(), &name).unwrap();
+        assert!(!bare.manifest().has_spans());
+        assert!(
+            bare.read_span(0, 0).is_err(),
+            "no silent zeros without the span list"
+        );
+        let lazy = StoreSource::new(bare, None);
+        assert!(
+            all_pages_of(&lazy) == want,
+            "lazy read of {name} from its manifest"
+        );
         assert_eq!(src.zero_runs(0), Some(vec![(384, 600)]));
         let out = d.path().join(format!("pulled-{k}"));
         pull(&img, &out, 3, &|_, _| {}).unwrap();

@@ -123,7 +123,11 @@ pub fn resume(args: &ResumeArgs) -> anyhow::Result<ExitCode> {
     // manifest and VM state fetches count.
     let t_load = Instant::now();
     let opened = if remote {
-        Opened::Store(crate::store::open_image(&args.image, &args.store)?)
+        if args.lazy {
+            Opened::Store(crate::store::open_image_manifest(&args.image, &args.store)?)
+        } else {
+            Opened::Store(crate::store::open_image(&args.image, &args.store)?)
+        }
     } else {
         Opened::Local(livepage_image::Chain::open(&args.image)?)
     };
