@@ -75,24 +75,8 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         "the live snapshot, verified and resumed lazily in a new VM (minor mode: page cache filled through a second mapping, UFFDIO_CONTINUE): same checksum as the uninterrupted run",
     );
     crate::verify::verify(&image, json)?;
-    let code = crate::vm::resume::resume(&ResumeArgs {
-        image: image.clone(),
-        memory: None,
-        lazy: true,
-        mode: Some(ModeArg::Minor),
-        prefetch: Some(PrefetchArg::Sequential),
-        handlers: Some(2),
-        uffds: None,
-        working_set: None,
-        record_working_set: false,
-        chunk_cache: None,
-        no_chunk_cache: false,
-        chunk_cache_mib: None,
-        store: crate::store::StoreArgs {
-            store_deadline: None,
-        },
-        json,
-    })?;
+    let code = crate::vm::resume::resume(&lazy_resume(image.clone(), ModeArg::Minor, None, json))?;
+
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
@@ -124,24 +108,13 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     crate::verify::verify(&ck.join("checkpoint-0003.img"), json)?;
-    let code = crate::vm::resume::resume(&ResumeArgs {
-        image: ck.join("checkpoint-0002.img"),
-        memory: None,
-        lazy: true,
-        mode: Some(ModeArg::Missing),
-        prefetch: Some(PrefetchArg::Sequential),
-        handlers: Some(2),
-        uffds: Some(2),
-        working_set: None,
-        record_working_set: false,
-        chunk_cache: None,
-        no_chunk_cache: false,
-        chunk_cache_mib: None,
-        store: crate::store::StoreArgs {
-            store_deadline: None,
-        },
+    let code = crate::vm::resume::resume(&lazy_resume(
+        ck.join("checkpoint-0002.img"),
+        ModeArg::Missing,
+        Some(2),
         json,
-    })?;
+    ))?;
+
     if code != ExitCode::SUCCESS {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(code);
@@ -163,23 +136,16 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         json,
     })?;
     let code = crate::vm::resume::resume(&ResumeArgs {
-        image: format!("{store_url}/checkpoint-0003.img").into(),
-        memory: None,
-        lazy: true,
-        mode: Some(ModeArg::Missing),
-        prefetch: Some(PrefetchArg::Sequential),
-        handlers: Some(2),
-        uffds: None,
-        working_set: None,
-        record_working_set: false,
         chunk_cache: Some(dir.join("chunk-cache")),
-        no_chunk_cache: false,
         chunk_cache_mib: Some(256),
-        store: crate::store::StoreArgs {
-            store_deadline: None,
-        },
-        json,
+        ..lazy_resume(
+            format!("{store_url}/checkpoint-0003.img").into(),
+            ModeArg::Missing,
+            None,
+            json,
+        )
     })?;
+
     if code != ExitCode::SUCCESS {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(code);
@@ -303,4 +269,32 @@ fn migrate(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A lazy `vm resume` of `image` in `mode` with two handlers and
+/// sequential prefetch (the demo's resumes differ only there).
+fn lazy_resume(
+    image: std::path::PathBuf,
+    mode: ModeArg,
+    uffds: Option<usize>,
+    json: bool,
+) -> ResumeArgs {
+    ResumeArgs {
+        image,
+        memory: None,
+        lazy: true,
+        mode: Some(mode),
+        prefetch: Some(PrefetchArg::Sequential),
+        handlers: Some(2),
+        uffds,
+        working_set: None,
+        record_working_set: false,
+        chunk_cache: None,
+        no_chunk_cache: false,
+        chunk_cache_mib: None,
+        store: crate::store::StoreArgs {
+            store_deadline: None,
+        },
+        json,
+    }
 }

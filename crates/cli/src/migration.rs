@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use livepage_migrate::{DestReport, ProgressView, Security, SourceReport, Stage};
 
-use crate::table::Table;
+use crate::table::{Table, mib};
 
 /// How the link is secured.
 #[derive(Debug, Args, Clone, Default)]
@@ -133,10 +133,6 @@ impl Drop for Bars {
             let _ = t.join();
         }
     }
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
 /// The source's side of a migration, as table rows.

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use livepage_store::{ChunkCache, PushOptions, Store, StoreImage, StoreOptions, StoreUrl, is_url};
 
-use crate::table::Table;
+use crate::table::{Table, mib};
 
 /// Options for reaching a store (every command that takes an address).
 #[derive(Debug, Clone, Args)]
@@ -87,10 +87,6 @@ pub struct PushArgs {
     /// JSON output.
     #[arg(long)]
     pub json: bool,
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
 pub fn push(a: &PushArgs) -> anyhow::Result<ExitCode> {

@@ -64,6 +64,11 @@ pub fn si(v: f64) -> String {
     }
 }
 
+/// Bytes as MiB with one decimal and the unit: `1.5 MiB`.
+pub fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
 /// Nanoseconds as µs with one decimal.
 pub fn us(ns: u64) -> String {
     format!("{:.1}", ns as f64 / 1000.0)
